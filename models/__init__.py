@@ -1,0 +1,119 @@
+"""Model registry: `build_model(arch, num_classes)` and `load_weights(model, path)`."""
+import pickle
+
+import torch
+
+from .c3d import C3D
+from .r2plus1d import r2plus1d
+from .s3d import S3D
+
+# Clip geometry per architecture (DATA_AND_MODELS.md): frames, crop, and the short-side
+# scale range for training (validation uses the lower end).
+DEFAULT_GEOMETRY = {
+    'c3d': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
+    'r2+1d': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
+    'r2+1d-pretrained': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
+    's3d': dict(num_frames=16, crop_size=224, scale_range=(256, 320)),
+}
+ARCHS = tuple(DEFAULT_GEOMETRY)
+
+
+def build_model(arch, num_classes, num_frames=16, crop_size=None, pretrained=None, **kw):
+    """Build `arch` (one of ARCHS) for `num_classes` classes.
+
+    `num_frames` / `crop_size` matter to C3D only (its fc6 size follows the clip). `pretrained`
+    defaults to True for `r2+1d-pretrained` (Kinetics-400 weights) and is ignored elsewhere.
+    """
+    if arch not in DEFAULT_GEOMETRY:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    crop_size = crop_size or DEFAULT_GEOMETRY[arch]['crop_size']
+    if arch == 'c3d':
+        return C3D(num_classes, num_frames=num_frames, crop_size=crop_size, **kw)
+    if arch in ('r2+1d', 'r2+1d-pretrained'):
+        if pretrained is None:
+            pretrained = arch == 'r2+1d-pretrained'
+        return r2plus1d(num_classes, pretrained=pretrained, **kw)
+    return S3D(num_classes, **kw)
+
+
+def strip_module_prefix(name):
+    """`module.conv1.weight` (as DataParallel saved it) -> `conv1.weight`."""
+    return name[len('module.'):] if name.startswith('module.') else name
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint's tensors do not fit the model it is loaded into."""
+
+
+def read_checkpoint(path):
+    """Load a checkpoint file on the CPU without unpickling arbitrary objects.
+
+    Returns `(state_dict, meta)`: the weights with `module.` prefixes removed, and the other
+    entries of a dict checkpoint (`epoch`, `top1`, ...), empty for a bare state dict.
+    """
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(
+            f"{path}: holds Python objects other than tensors and plain containers, which this tool will "
+            f"not unpickle (weights_only=True). Re-save just its state dict: "
+            f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) on a file you trust.\n"
+            f"Detail: {exc}") from None
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"{path}: expected a state dict or a dict with 'state_dict', got {type(ckpt).__name__}")
+    if isinstance(ckpt.get('state_dict'), dict):
+        meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
+        state = ckpt['state_dict']
+    else:
+        meta, state = {}, ckpt
+    return {strip_module_prefix(k): v for k, v in state.items()}, meta
+
+
+def load_weights(model, path, arch=None):
+    """Load `path` into `model` (bare state dict or `{'state_dict': ...}`, with or without `module.`).
+
+    Raises `CheckpointMismatch` naming the first missing, unexpected and wrongly shaped keys.
+    Returns the checkpoint's other entries (epoch, top1, optimizer, ...).
+    """
+    state, meta = read_checkpoint(path)
+    check_state_dict(model, state, f"{path}", arch=arch)
+    model.load_state_dict(state, strict=False)
+    return meta
+
+
+def check_state_dict(model, state, source, arch=None, shown=5):
+    """Raise `CheckpointMismatch` unless `state` has exactly the model's tensors and shapes."""
+    own = model.state_dict()
+    # Checkpoints from PyTorch < 0.4.1 have no BatchNorm counters; they default to 0.
+    missing = [k for k in own if k not in state and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{source} does not fit the {arch or type(model).__name__} model being built:"]
+
+    def listing(title, keys, fmt):
+        if keys:
+            more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
+            lines.append(f"  {len(keys)} {title}: " + ", ".join(fmt(k) for k in keys[:shown]) + more)
+
+    listing("missing keys", missing, str)
+    listing("unexpected keys", unexpected, str)
+    listing("wrongly shaped", wrong,
+            lambda k: f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+    hint = "Check --arch"
+    classifier = [k for k in wrong if k.endswith('weight') and own[k].dim() == 2 and k == _last_linear(own)]
+    if classifier:
+        hint = (f"The checkpoint's classifier has {state[classifier[0]].shape[0]} classes and the model "
+                f"{own[classifier[0]].shape[0]}: pass --num-classes {state[classifier[0]].shape[0]}, or check --arch")
+    elif wrong and all(own[k].dim() == 2 for k in wrong):
+        hint = "Only linear layers differ: check --num-frames / --crop-size (C3D's fc6 follows the clip size)"
+    lines.append(f"  {hint}.")
+    raise CheckpointMismatch("\n".join(lines))
+
+
+def _last_linear(state):
+    names = [k for k, v in state.items() if k.endswith('.weight') and v.dim() == 2]
+    return names[-1] if names else None

@@ -1,0 +1,55 @@
+"""C3D (Tran et al., 2015) with the parameter names of the original checkpoints."""
+import torch
+import torch.nn as nn
+
+
+class C3D(nn.Module):
+    """C3D for `N x 3 x T x H x W` clips; fc6's input size follows the clip geometry."""
+
+    def __init__(self, num_classes=101, num_frames=16, crop_size=112, dropout=0.5):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 64, kernel_size=3, padding=1)
+        self.pool1 = nn.MaxPool3d(kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.conv2 = nn.Conv3d(64, 128, kernel_size=3, padding=1)
+        self.pool2 = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.conv3a = nn.Conv3d(128, 256, kernel_size=3, padding=1)
+        self.conv3b = nn.Conv3d(256, 256, kernel_size=3, padding=1)
+        self.pool3 = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.conv4a = nn.Conv3d(256, 512, kernel_size=3, padding=1)
+        self.conv4b = nn.Conv3d(512, 512, kernel_size=3, padding=1)
+        self.pool4 = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.conv5a = nn.Conv3d(512, 512, kernel_size=3, padding=1)
+        self.conv5b = nn.Conv3d(512, 512, kernel_size=3, padding=1)
+        self.pool5 = nn.MaxPool3d(kernel_size=2, stride=2, padding=(0, 1, 1))
+
+        self.fc6 = nn.Linear(self._flat_features(num_frames, crop_size), 4096)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, num_classes)
+        self.dropout = nn.Dropout(p=dropout)
+        self.relu = nn.ReLU(inplace=True)
+
+    @staticmethod
+    def _flat_features(num_frames, crop_size):
+        # Each pool floors its input; pool5 pads H and W by one. 16x112x112 gives 512*1*4*4 = 8192.
+        t, s = num_frames, crop_size // 2          # pool1 (1, 2, 2)
+        for _ in range(3):                          # pool2, pool3, pool4
+            t, s = t // 2, s // 2
+        if t < 2 or s < 1:
+            raise ValueError(
+                f"C3D needs clips of at least 16 frames of 16x16 pixels; got {num_frames}x{crop_size}x{crop_size}")
+        t, s = t // 2, s // 2 + 1                   # pool5 pads H and W by one
+        return 512 * t * s * s
+
+    def features(self, x):
+        x = self.pool1(self.relu(self.conv1(x)))
+        x = self.pool2(self.relu(self.conv2(x)))
+        x = self.pool3(self.relu(self.conv3b(self.relu(self.conv3a(x)))))
+        x = self.pool4(self.relu(self.conv4b(self.relu(self.conv4a(x)))))
+        x = self.pool5(self.relu(self.conv5b(self.relu(self.conv5a(x)))))
+        return torch.flatten(x, 1)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.dropout(self.relu(self.fc6(x)))
+        x = self.dropout(self.relu(self.fc7(x)))
+        return self.fc8(x)

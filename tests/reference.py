@@ -1,0 +1,51 @@
+"""A deliberately plain, loop-per-group rendering of ALGORITHM.md section 2 with numpy.
+
+The tests compare the vectorised `admm.project` with it; the speed benchmark uses it as the
+naive baseline.
+"""
+import math
+
+import numpy as np
+
+
+def project_reference(weight, ratio, sparsity_type, block_size=(8, 4)):
+    w = np.asarray(weight, dtype=np.float32)
+    if ratio == 0:
+        return w.copy()
+    shape = w.shape
+    o, i = shape[0], (shape[1] if w.ndim > 1 else 1)
+    k = int(np.prod(shape[2:])) if w.ndim > 2 else 1
+    if sparsity_type == 'irregular':
+        return _prune(w, [[idx] for idx in np.ndindex(*shape)], ratio)
+    w3 = w.reshape(o, i, k)
+    if sparsity_type == 'filter':
+        groups = [[(f, c, p) for c in range(i) for p in range(k)] for f in range(o)]
+        return _prune(w3, groups, ratio).reshape(shape)
+    gm, gn = block_size
+    ob, ib = math.ceil(o / gm), math.ceil(i / gn)
+    groups = []
+    for bo in range(ob):
+        for bi in range(ib):
+            rows = range(bo * gm, min((bo + 1) * gm, o))
+            cols = range(bi * gn, min((bi + 1) * gn, i))
+            if sparsity_type == 'blk-vanilla':
+                groups.append([(r, c, p) for r in rows for c in cols for p in range(k)])
+            else:
+                for p in range(k):
+                    groups.append([(r, c, p) for r in rows for c in cols])
+    return _prune(w3, groups, ratio).reshape(shape)
+
+
+def _prune(w, groups, ratio):
+    scores = []
+    for g in groups:
+        vals = np.array([w[idx] for idx in g])
+        nnz = max(1, int(np.count_nonzero(vals)))
+        scores.append(np.sqrt(np.sum(vals.astype(np.float64) ** 2)) / np.sqrt(nnz))
+    threshold = np.percentile(np.array(scores), 100 * ratio)
+    out = w.copy()
+    for g, s in zip(groups, scores):
+        if s <= threshold:
+            for idx in g:
+                out[idx] = 0
+    return out

@@ -1,0 +1,56 @@
+"""profile_flops: FLOPs of the dense models, pruned counts, the command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import admm
+import profile_flops
+from models import build_model
+
+
+def test_dense_c3d_is_38_5_gmacs():
+    report = profile_flops.profile(build_model('c3d', 101), 16, 112)
+    assert report['dense_macs'] / 1e9 == pytest.approx(38.5, abs=0.1)
+    assert report['dense_flops'] == 2 * report['dense_macs']
+    assert report['flops_reduction'] == pytest.approx(1.0)
+
+
+def test_layer_macs_of_a_conv_follow_the_formula():
+    macs = profile_flops.layer_macs(build_model('c3d', 101), 16, 112)
+    # conv2: 128 filters x 64 x 27 per output, output 16 x 56 x 56
+    assert macs['conv2.weight'] == 128 * 64 * 27 * 16 * 56 * 56
+    assert macs['fc6.weight'] == 8192 * 4096
+
+
+def test_real_zeros_of_a_checkpoint_are_counted(tmp_path):
+    torch.manual_seed(0)
+    model = build_model('c3d', 101)
+    ratios = admm.load_profile('c3d_3.57x', model)
+    admm.hard_prune(model, ratios, 'blk-kgs')
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'pruned.pt')
+    out = subprocess.run([sys.executable, 'profile_flops.py', '--arch', 'c3d', '--checkpoint',
+                          str(tmp_path / 'pruned.pt'), '--json'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report['flops_reduction'] == pytest.approx(3.57, rel=0.02)
+    conv2 = next(row for row in report['layers'] if row['name'] == 'conv2.weight')
+    assert conv2['density'] == pytest.approx((model.conv2.weight != 0).float().mean().item())
+    assert {'dense_flops', 'pruned_flops', 'params_reduction'} <= set(report)
+
+
+def test_table_output_and_crop_size():
+    out = subprocess.run([sys.executable, 'profile_flops.py', '--arch', 'c3d', '--config-file', 'c3d_2.53x_v2',
+                          '--crop-size', '32'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'conv5b.weight' in out.stdout and 'FLOPs reduction' in out.stdout and '3x16x32x32' in out.stdout
+
+
+def test_flops_reduction_is_close_at_a_small_clip():
+    torch.manual_seed(0)
+    model = build_model('c3d', 5, crop_size=32)
+    ratios = admm.load_profile('c3d_2.53x_v2', model)
+    assert profile_flops.profile(model, 16, 32, ratios)['flops_reduction'] == pytest.approx(2.53, rel=0.02)

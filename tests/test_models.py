@@ -1,0 +1,113 @@
+"""Model construction, parameter names, and loading the original's checkpoint forms."""
+import pytest
+import torch
+
+from models import CheckpointMismatch, build_model, load_weights
+
+
+@pytest.fixture(scope='module')
+def c3d():
+    torch.manual_seed(0)
+    return build_model('c3d', 101)
+
+
+def test_c3d_parameter_names_and_fc6_size(c3d):
+    names = [n for n, _ in c3d.named_parameters()]
+    expected = [f'{layer}.{kind}' for layer in ('conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b',
+                                                'conv5a', 'conv5b', 'fc6', 'fc7', 'fc8') for kind in ('weight', 'bias')]
+    assert names == expected
+    assert c3d.fc6.in_features == 8192
+
+
+@pytest.mark.parametrize('frames, crop', [(16, 32), (16, 64), (16, 16), (32, 112)])
+def test_c3d_runs_at_smaller_clips(frames, crop):
+    model = build_model('c3d', 7, num_frames=frames, crop_size=crop)
+    assert model(torch.randn(2, 3, frames, crop, crop)).shape == (2, 7)
+
+
+def test_c3d_refuses_a_clip_too_small():
+    with pytest.raises(ValueError, match='at least 16 frames'):
+        build_model('c3d', 7, num_frames=8, crop_size=32)
+
+
+def test_r2plus1d_names_follow_torchvision():
+    model = build_model('r2+1d', 10)
+    names = dict(model.named_parameters())
+    assert names['layer1.0.conv1.0.0.weight'].shape[2:] == (1, 3, 3)     # spatial
+    assert names['layer1.0.conv1.0.3.weight'].shape[2:] == (3, 1, 1)     # temporal
+    assert names['fc.weight'].shape == (10, 512)
+    assert model(torch.randn(1, 3, 8, 32, 32)).shape == (1, 10)
+
+
+def test_s3d_names_and_shapes():
+    model = build_model('s3d', 10)
+    names = dict(model.named_parameters())
+    assert names['conv1.conv.weight'].shape == (64, 3, 3, 7, 7)
+    assert names['conv3.conv_t.bias'].shape == (192,)
+    assert names['inception4b.branch2.1.conv.weight'].shape == (224, 112, 1, 3, 3)
+    assert names['inception5b.branch4.1.conv.weight'].shape == (128, 832, 1, 1, 1)
+    assert names['fc.weight'].shape == (10, 1024)
+    assert model.conv1.bn.eps == 1e-3
+    assert model(torch.randn(1, 3, 8, 64, 64)).shape == (1, 10)
+
+
+def test_s3d_temporal_stride_option():
+    kept = build_model('s3d', 5, without_t_stride=True).eval()
+    halved = build_model('s3d', 5, without_t_stride=False).eval()
+    assert kept.pool2.stride == (1, 2, 2) and halved.pool2.stride == (2, 2, 2)
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match='unknown --arch'):
+        build_model('resnet50', 10)
+
+
+def test_pretrained_r2plus1d_offline_says_how_to_proceed(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    from torchvision.models.video import R2Plus1D_18_Weights
+
+    def offline(self, *a, **k):
+        raise OSError('network unreachable')
+    monkeypatch.setattr(R2Plus1D_18_Weights.KINETICS400_V1.__class__, 'get_state_dict', offline)
+    with pytest.raises(RuntimeError, match=r'(?s)Kinetics-400.*--load-path'):
+        build_model('r2+1d-pretrained', 10)
+
+
+@pytest.mark.parametrize('form', ['bare', 'state_dict', 'module', 'state_dict+module'])
+def test_loads_every_checkpoint_form_of_the_original(tmp_path, c3d, form):
+    state = c3d.state_dict()
+    if 'module' in form:
+        state = {'module.' + k: v for k, v in state.items()}
+    ckpt = {'state_dict': state, 'epoch': 14, 'top1': 81.571} if 'state_dict' in form else state
+    path = tmp_path / 'ckpt.pt'
+    torch.save(ckpt, path)
+    fresh = build_model('c3d', 101)
+    meta = load_weights(fresh, str(path))
+    for k, v in c3d.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    if 'state_dict' in form:
+        assert meta['epoch'] == 14
+
+
+def test_wrong_class_count_names_the_classifier_and_the_fix(tmp_path, c3d):
+    torch.save(c3d.state_dict(), tmp_path / 'c.pt')
+    with pytest.raises(CheckpointMismatch, match=r"(?s)fc8\.weight.*\(101, 4096\).*--num-classes 101"):
+        load_weights(build_model('c3d', 51), str(tmp_path / 'c.pt'))
+
+
+def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path, c3d):
+    torch.save({'state_dict': c3d.state_dict()}, tmp_path / 'c.pt')
+    with pytest.raises(CheckpointMismatch, match=r"(?s)missing keys: stem\.0\.weight.*unexpected keys: conv1\.weight"):
+        load_weights(build_model('r2+1d', 101), str(tmp_path / 'c.pt'))
+
+
+def test_checkpoint_with_pickled_objects_is_refused_with_advice(tmp_path):
+    import argparse
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(lr=1)}, tmp_path / 'c.pt')
+    with pytest.raises(RuntimeError, match='weights_only'):
+        load_weights(build_model('c3d', 5, crop_size=32), str(tmp_path / 'c.pt'))
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere.pt'):
+        load_weights(build_model('c3d', 5, crop_size=32), str(tmp_path / 'nowhere.pt'))
