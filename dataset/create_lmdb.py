@@ -1,0 +1,142 @@
+"""Pack the frame folders of a list file into an LMDB database, one Arrow IPC record per video.
+
+Run it inside dataset/, as the original README does:
+    python create_lmdb.py -d ucf101_frame -s train -vr 0 10000
+    python create_lmdb.py -d ucf101_frame -s train -vr 10000 20000   # adds to the same database
+Writes {d}/{s}.lmdb from the list {d}/{s}.txt. Re-running a range overwrites its records.
+"""
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lmdb
+from tqdm import tqdm
+
+if __package__:
+    from . import record_format as fmt
+    from .video_list import ListFileError, VideoRecord, read_list_file
+else:  # run as a script from dataset/, as in the original README
+    import record_format as fmt
+    from video_list import ListFileError, VideoRecord, read_list_file
+
+INITIAL_MAP_SIZE = 1 << 28  # 256 MiB; doubled whenever a commit does not fit
+BATCH_VIDEOS = 64  # videos per write transaction (~64 MB of UCF101 frames at short side 128)
+
+
+def open_database(db_path: Path) -> lmdb.Environment:
+    """Open (or create) the database for writing; a new one is a single file, as the original's."""
+    size = db_path.stat().st_size if db_path.is_file() else 0
+    return lmdb.open(
+        str(db_path), subdir=db_path.is_dir(), map_size=max(INITIAL_MAP_SIZE, 2 * size),
+        readonly=False, meminit=False,
+    )
+
+
+def stored_keys(env: lmdb.Environment) -> set[str]:
+    """Video ids already in the database; RecordFormatError if it was written by another tool."""
+    with env.begin() as txn:
+        keys = {key.decode() for key in txn.cursor().iternext(values=False) if key not in (fmt.KEYS_KEY, fmt.LEN_KEY)}
+        if txn.get(fmt.KEYS_KEY) is not None:
+            fmt.decode_keys(txn.get(fmt.KEYS_KEY))
+        if keys:  # one record is enough to tell an old database from ours
+            first = min(keys)
+            fmt.decode_record(txn.get(first.encode()), first)
+    return keys
+
+
+def load_video(frame_dir: Path, record: VideoRecord) -> tuple[bytes, bytes]:
+    """(key, serialised record) of one video, reading its frames 00001.jpg .. N from its folder."""
+    folder = frame_dir / record.video_id
+    frames = []
+    for index in range(1, record.num_frames + 1):
+        path = folder / f"{index:05d}.jpg"
+        try:
+            frames.append(path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"frame file {path} not found (the list says {record.num_frames} frames); "
+                "re-run extract_videos.py"
+            ) from None
+    return record.video_id.encode("ascii"), fmt.encode_record(record.video_id, record.label, frames)
+
+
+def commit(env: lmdb.Environment, items: list[tuple[bytes, bytes]], keys: set[str]) -> None:
+    """Write one batch and the updated `__keys__` / `__len__` together, growing the map when full."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value)
+                txn.put(fmt.KEYS_KEY, fmt.encode_keys(sorted(keys)))
+                txn.put(fmt.LEN_KEY, str(len(keys)).encode())
+            return
+        except lmdb.MapFullError:  # the transaction was aborted; retry it in a map twice as large
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "-d", "--dataset", required=True, help="frame folder written by extract_videos.py, e.g. ucf101_frame"
+    )
+    parser.add_argument("-s", "--split", required=True, choices=["train", "val"], help="which list file to pack")
+    parser.add_argument(
+        "-vr", "--video-range", type=int, nargs=2, metavar=("START", "END"),
+        help="pack list lines START..END-1 only (default: all); END past the end means the end",
+    )
+    parser.add_argument("-n", "--workers", type=int, default=4, help="threads reading frame files (default 4)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    frame_dir = Path(args.dataset)
+    list_path = frame_dir / f"{args.split}.txt"
+    db_path = frame_dir / f"{args.split}.lmdb"
+    try:
+        records = read_list_file(list_path)
+    except (FileNotFoundError, ListFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start, end = args.video_range or (0, len(records))
+    end = min(end, len(records))
+    if not 0 <= start < end:
+        print(f"error: -vr {start} {end} selects no line of {list_path} ({len(records)} lines)", file=sys.stderr)
+        return 2
+    part = records[start:end]
+    for record in part:
+        if not record.video_id.isascii():
+            print(f"error: video id {record.video_id!r} in {list_path} is not ASCII", file=sys.stderr)
+            return 2
+
+    env = open_database(db_path)
+    try:
+        keys = stored_keys(env)
+    except fmt.RecordFormatError as err:
+        env.close()
+        print(f"error: {fmt.old_database_message(db_path)}\n({err})", file=sys.stderr)
+        return 2
+
+    try:
+        progress = tqdm(total=len(part), desc=f"lmdb {args.split}", unit="video")
+        with ThreadPoolExecutor(args.workers) as pool, progress:
+            for first in range(0, len(part), BATCH_VIDEOS):
+                batch = part[first:first + BATCH_VIDEOS]
+                items = list(pool.map(lambda record: load_video(frame_dir, record), batch))
+                new_keys = keys | {record.video_id for record in batch}
+                commit(env, items, new_keys)
+                keys = new_keys
+                progress.update(len(batch))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        env.close()
+    print(f"wrote list lines {start}..{end - 1} of {list_path} into {db_path}, which now holds {len(keys)} videos")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

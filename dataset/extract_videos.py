@@ -1,0 +1,304 @@
+"""Decode UCF101 / HMDB51 videos into JPEG frame folders and the train/val list files.
+
+Run it inside dataset/, as the original README does:  python extract_videos.py -d ucf101
+Writes {root}/{d}_frame/<video id>/00001.jpg ... and {d}_frame/train.txt, val.txt with lines
+`<video id> 1 <frames> <label from 0>`. Re-running skips videos whose frame folder is complete.
+"""
+
+import argparse
+import functools
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+JPEG_QUALITY = 95
+VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
+PARTIAL_DIR = ".partial"  # frames are written here and renamed into place once complete
+
+
+class SplitError(Exception):
+    """A split file, class index or video folder is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Video:
+    video_id: str
+    path: Path | None  # None: listed in the split but not found on disk
+    label: int
+    subset: str  # "train" or "val"
+
+
+def index_videos(video_dir: Path) -> dict[str, Path]:
+    """Map file name -> path for videos directly in video_dir or one class folder below it."""
+    if not video_dir.is_dir():
+        raise SplitError(f"video folder {video_dir} not found (unpack the dataset's videos there)")
+    found = {}
+    for path in sorted(video_dir.glob("*")) + sorted(video_dir.glob("*/*")):
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
+            found.setdefault(path.name, path)
+    return found
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        raise SplitError(f"split file {path} not found")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_ucf101_split(root: Path, split: int) -> list[Video]:
+    """Videos of UCF101 split `split` from {root}/ucfTrainTestlist and {root}/ucf101."""
+    list_dir = root / "ucfTrainTestlist"
+    class_index = list_dir / "classInd.txt"
+    # Class names are matched case-insensitively: UCF101 itself spells HandstandPushups two ways.
+    labels = {}
+    for number, line in _read_lines(class_index):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise SplitError(f"{class_index}:{number}: expected `<index> <class>`, got {line!r}")
+        labels[parts[1].lower()] = int(parts[0]) - 1
+
+    files = index_videos(root / "ucf101")
+    videos = []
+    for subset, list_name in (("train", f"trainlist0{split}.txt"), ("val", f"testlist0{split}.txt")):
+        list_path = list_dir / list_name
+        for number, line in _read_lines(list_path):
+            parts = line.split()
+            relative = parts[0].replace("\\", "/")
+            class_name = relative.rsplit("/", 1)[0].lower() if "/" in relative else None
+            if class_name in labels:
+                label = labels[class_name]
+            elif len(parts) > 1 and parts[1].isdigit():
+                label = int(parts[1]) - 1
+            else:
+                raise SplitError(f"{list_path}:{number}: class of {relative!r} is not in {class_index}")
+            name = relative.rsplit("/", 1)[-1]
+            videos.append(Video(Path(name).stem, files.get(name), label, subset))
+    return videos
+
+
+def read_hmdb51_split(root: Path, split: int) -> list[Video]:
+    """Videos of HMDB51 split `split` from {root}/hmdb51_labels/<class>_test_split<N>.txt and {root}/hmdb51."""
+    label_dir = root / "hmdb51_labels"
+    if not label_dir.is_dir():
+        raise SplitError(f"split folder {label_dir} not found (unpack the HMDB51 split files there)")
+    pattern = re.compile(rf"^(.+)_test_split{split}\.txt$")
+    split_files = sorted(p for p in label_dir.iterdir() if pattern.match(p.name))
+    if not split_files:
+        raise SplitError(f"no split files {label_dir}/<class>_test_split{split}.txt found")
+
+    files = index_videos(root / "hmdb51")
+    videos = []
+    for label, split_file in enumerate(split_files):  # classes in alphabetical order
+        for number, line in _read_lines(split_file):
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise SplitError(f"{split_file}:{number}: expected `<video>.avi <0|1|2>`, got {line!r}")
+            if parts[1] != "0":  # 0: not used in this split
+                name = parts[0]
+                subset = "train" if parts[1] == "1" else "val"
+                videos.append(Video(Path(name).stem, files.get(name), label, subset))
+    return videos
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to short_side (0: unchanged)."""
+    if short_side <= 0:
+        return width, height
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def decode_pyav(src: Path, dst: Path, short_side: int) -> int:
+    """Write every frame of src as dst/00001.jpg ... with PyAV; returns the frame count."""
+    import av  # imported here so that --backend ffmpeg works without PyAV
+
+    count = 0
+    with av.open(str(src)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        for frame in container.decode(container.streams.video[0]):
+            width, height = scaled_size(frame.width, frame.height, short_side)
+            image = frame.to_image(width=width, height=height, interpolation="AREA")
+            count += 1
+            image.save(dst / f"{count:05d}.jpg", quality=JPEG_QUALITY)
+    return count
+
+
+@functools.cache
+def _passthrough_option() -> list[str]:
+    """ffmpeg 5.1 and later spell it -fps_mode (newer ones dropped -vsync); older ones only know -vsync."""
+    command = ["ffmpeg", "-hide_banner", "-h", "long"]
+    help_text = subprocess.run(command, capture_output=True, text=True, check=False).stdout
+    return ["-fps_mode", "passthrough"] if "-fps_mode" in help_text else ["-vsync", "passthrough"]
+
+
+def decode_ffmpeg(src: Path, dst: Path, short_side: int) -> int:
+    """Write every frame of src as dst/00001.jpg ... with the ffmpeg program; returns the frame count."""
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(src), "-map", "0:v:0"]
+    if short_side > 0:
+        s = short_side
+        scale = f"scale=w='if(lte(iw,ih),{s},round(iw*{s}/ih))':h='if(lte(iw,ih),round(ih*{s}/iw),{s})'"
+        command += ["-vf", scale]  # the same sizes as scaled_size()
+    # passthrough: one image per decoded frame, never duplicated or dropped to reach a frame rate
+    command += [*_passthrough_option(), "-q:v", "2", str(dst / "%05d.jpg")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"ffmpeg exited with {result.returncode}"]
+        raise RuntimeError(lines[-1])
+    return len(list(dst.glob("*.jpg")))
+
+
+def complete_frame_count(folder: Path) -> int:
+    """Frame count of a finished frame folder (00001.jpg .. N contiguous), 0 if absent or incomplete."""
+    try:
+        names = {name for name in os.listdir(folder) if name.endswith(".jpg")}
+    except FileNotFoundError:
+        return 0
+    count = len(names)
+    if count == 0 or names != {f"{i:05d}.jpg" for i in range(1, count + 1)}:
+        return 0
+    return count if (folder / f"{count:05d}.jpg").stat().st_size > 0 else 0
+
+
+def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
+    """Extract one video unless already done; returns (video id, frames, error or None, skipped)."""
+    video_id, src, frame_dir, short_side, backend = task
+    final = Path(frame_dir) / video_id
+    count = complete_frame_count(final)
+    if count:
+        return video_id, count, None, True
+
+    partial = Path(frame_dir) / PARTIAL_DIR / video_id
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    decode = decode_ffmpeg if backend == "ffmpeg" else decode_pyav
+    try:
+        count = decode(Path(src), partial, short_side)
+        if count == 0:
+            raise ValueError("no frames could be decoded")
+    except Exception as err:  # noqa: BLE001  any decoder failure is this video's failure, not the run's
+        shutil.rmtree(partial, ignore_errors=True)
+        return video_id, 0, f"{type(err).__name__}: {err}".strip(), False
+    if final.exists():  # an incomplete folder from an interrupted older run
+        shutil.rmtree(final)
+    os.replace(partial, final)  # atomic: a folder under its final name is always complete
+    return video_id, count, None, False
+
+
+def run_tasks(tasks: list[tuple], workers: int):
+    """extract_one's results in the order videos finish, from a pool of `workers` processes."""
+    if workers <= 1:
+        yield from map(extract_one, tasks)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap_unordered(extract_one, tasks)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", required=True, choices=["ucf101", "hmdb51"], help="dataset to extract")
+    parser.add_argument(
+        "--split", type=int, default=1, choices=[1, 2, 3], help="official split for the list files (default 1)"
+    )
+    parser.add_argument(
+        "--root", default=".",
+        help="folder holding ucf101/ + ucfTrainTestlist/ or hmdb51/ + hmdb51_labels/ (default: current folder)",
+    )
+    parser.add_argument(
+        "--short-side", type=int, default=128,
+        help="scale frames so the shorter side has this many pixels; 128 suits C3D and R(2+1)D, "
+        "S3D (224 crops) wants 256 or more; 0 keeps the source size (default 128)",
+    )
+    parser.add_argument(
+        "-j", "--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--backend", choices=["pyav", "ffmpeg"], default="pyav",
+        help="pyav decodes in-process (default); ffmpeg runs the ffmpeg program, which must be on PATH",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    root = Path(args.root)
+    if args.backend == "ffmpeg" and shutil.which("ffmpeg") is None:
+        print(
+            "error: --backend ffmpeg needs the `ffmpeg` program on PATH (Debian/Ubuntu: apt install "
+            "ffmpeg); or leave out --backend to decode with PyAV, which needs no program",
+            file=sys.stderr,
+        )
+        return 2
+    read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
+    try:
+        listed = read_split(root, args.split)
+    except SplitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    videos = {}
+    for video in listed:
+        seen = videos.setdefault(video.video_id, video)
+        if (seen.label, seen.subset) != (video.label, video.subset):
+            print(f"error: video {video.video_id} is listed twice, with different labels or subsets", file=sys.stderr)
+            return 2
+
+    frame_dir = root / f"{args.dataset}_frame"
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(frame_dir / PARTIAL_DIR, ignore_errors=True)  # left over by an interrupted run
+
+    missing = [v for v in videos.values() if v.path is None]
+    failures = {v.video_id: f"video file not found under {root / args.dataset}" for v in missing}
+    tasks = [
+        (v.video_id, str(v.path), str(frame_dir), args.short_side, args.backend)
+        for v in videos.values() if v.path is not None
+    ]
+    frames, skipped = {}, 0
+    with tqdm(total=len(tasks), desc=f"extract {args.dataset}", unit="video") as progress:
+        for video_id, count, error, was_skipped in run_tasks(tasks, args.workers):
+            if error:
+                failures[video_id] = error
+                progress.write(f"failed: {video_id}: {error}", file=sys.stderr)
+            else:
+                frames[video_id] = count
+                skipped += was_skipped
+            progress.update()
+    shutil.rmtree(frame_dir / PARTIAL_DIR, ignore_errors=True)
+
+    # Sorted by video id, so the list files do not depend on which worker finished first.
+    for subset in ("train", "val"):
+        lines = [f"{v} 1 {frames[v]} {videos[v].label}\n" for v in sorted(frames) if videos[v].subset == subset]
+        write_text_atomically(frame_dir / f"{subset}.txt", "".join(lines))
+    failed_list = frame_dir / "failed.txt"
+    if failures:
+        lines = [f"{v}\t{videos[v].path or '-'}\t{failures[v]}\n" for v in sorted(failures)]
+        write_text_atomically(failed_list, "".join(lines))
+    elif failed_list.exists():
+        failed_list.unlink()
+
+    print(f"{args.dataset}: {len(frames)} videos in {frame_dir} ({skipped} already complete), {len(failures)} failed")
+    if failures:
+        print(f"the failed videos are listed in {failed_list} and left out of train.txt / val.txt", file=sys.stderr)
+    if not frames:
+        print("error: no video could be extracted", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
