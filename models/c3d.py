@@ -27,6 +27,18 @@ class C3D(nn.Module):
         self.fc8 = nn.Linear(4096, num_classes)
         self.dropout = nn.Dropout(p=dropout)
         self.relu = nn.ReLU(inplace=True)
+        self._init_weights()
+
+    def _init_weights(self):
+        # PyTorch's default init shrinks activations layer by layer; eight plain conv layers
+        # without normalisation then train from scratch only with He initialisation.
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
 
     @staticmethod
     def _flat_features(num_frames, crop_size):

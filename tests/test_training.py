@@ -1,0 +1,266 @@
+"""opt_main.py end to end through the command line, on a tiny generated dataset at 16x16x16."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import admm
+import profile_flops
+from dataset.make_synthetic import make_dataset
+from models import build_model, read_checkpoint
+
+RUN = 'ucf101_c3d_blk-kgs-r8c4'
+GEOMETRY = ['--arch', 'c3d', '--num-classes', '5', '--crop-size', '16', '--scale-size', '18', '--batch-size', '4',
+            '--workers', '0', '--seed', '3', '--log-interval', '1']
+
+
+def run(*args, check=True, env=None, timeout=600):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args)], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    make_dataset(root, preset='motion', videos_per_class=2, test_per_class=1, frames=20, height=24, width=32)
+    tools = os.path.join(ROOT, 'dataset')
+    for cmd in (['extract_videos.py', '-d', 'ucf101', '--root', str(root), '--short-side', '0', '-j', '2'],
+                ['create_lmdb.py', '-d', str(root / 'ucf101_frame'), '-s', 'train'],
+                ['create_lmdb.py', '-d', str(root / 'ucf101_frame'), '-s', 'val']):
+        subprocess.run([sys.executable, os.path.join(tools, cmd[0]), *cmd[1:]], check=True, capture_output=True)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    """baseline -> ADMM (2 rhos) -> masked retrain with warmup, in one checkpoint root."""
+    ckpt = tmp_path_factory.mktemp('ckpt')
+    common = ['--data_location', data, '--ckpt-root', ckpt, *GEOMETRY]
+    run('--baseline', '--epochs', 2, '--lr', 0.003, *common)
+    run('--admm', '--epochs', 2, '--admm-epochs', 1, '--rho', 0.01, '--rho-num', 2, '--config-file', 'c3d_2.53x_v2',
+        '--lr', 0.001, *common)
+    retrain = run('--masked-retrain', '--epochs', 3, '--warmup', '--warmup-epochs', 1, '--warmup-lr', 1e-5,
+                  '--lr-scheduler', 'cosine', '--rho', 0.01, '--rho-num', 2, '--config-file', 'c3d_2.53x_v2',
+                  '--lr', 0.001, '--combine-progressive', *common)
+    return {'ckpt': str(ckpt), 'common': common, 'retrain_out': retrain.stdout}
+
+
+def test_baseline_is_saved_under_the_original_naming(trained):
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(trained['ckpt'], '*.pt'))]
+    best = [n for n in names if re.fullmatch(r'ucf101_c3d_baseline_epoch-\d+_top1-\d+\.\d{3}\.pt', n)]
+    assert len(best) == 1, names
+
+
+def test_run_directory_follows_the_seed_layout(trained):
+    folder = os.path.join(trained['ckpt'], RUN)
+    files = set(os.listdir(folder))
+    assert {f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', f'{RUN}.yaml', f'{RUN}_admm.log', f'{RUN}_retrain.log',
+            f'{RUN}_2rhos_kept.npz', f'{RUN}_2rhos_curves.npz', f'{RUN}_2rhos_curves.png'} <= files, files
+    assert any(re.fullmatch(rf'{re.escape(RUN)}_2rhos_epoch-\d_top1-\d+\.\d{{3}}\.pt', f) for f in files), files
+    assert not any('.tmp' in f for f in files)
+
+
+def test_logs_hold_the_command_options_batches_and_epochs(trained):
+    text = open(os.path.join(trained['ckpt'], RUN, f'{RUN}_admm.log')).read()
+    assert 'command: ' in text and '--admm' in text
+    assert json.loads(text.split('options: ', 1)[1].splitlines()[0])['rho_num'] == 2
+    assert re.search(r'epoch 1 batch 1/\d+ loss', text)
+    assert re.search(r'epoch 2/2: train loss .* val loss .* top-1', text)
+    assert 'Z and U updated' in text                       # admm-epochs 1: an update at epoch 2
+    assert '||W-Z||/||W||' in text                          # the convergence report
+    assert text.count('stage 1/2') == 1 and text.count('stage 2/2') == 1
+
+
+def test_admm_stage_files_hold_z_and_u(trained):
+    _, meta = read_checkpoint(os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt'))
+    assert meta['rho'] == pytest.approx(0.1)
+    assert set(meta['admm']['Z']) == set(admm.load_profile('c3d_2.53x_v2', build_model('c3d', 5, crop_size=16)))
+
+
+def test_retrained_weights_have_exactly_the_profile_group_structure(trained):
+    folder = os.path.join(trained['ckpt'], RUN)
+    final = glob.glob(os.path.join(folder, f'{RUN}_2rhos_epoch-*.pt'))[0]
+    state, meta = read_checkpoint(final)
+    kept = np.load(os.path.join(folder, f'{RUN}_2rhos_kept.npz'))
+    ratios = admm.load_profile(os.path.join(folder, f'{RUN}.yaml'), build_model('c3d', 5, crop_size=16))
+    assert set(kept.files) == set(ratios)
+    for name, ratio in ratios.items():
+        w = state[name]
+        grid = torch.from_numpy(kept[name])
+        kept_mask = admm.expand_groups(grid, w.shape, 'blk-kgs')
+        assert not w[~kept_mask].any(), name                              # pruned groups are zero
+        assert (w[kept_mask] == 0).float().mean() < 1e-5, name            # kept ones train (an initial exact
+                                                                          # zero may stay: a masked gradient)
+        # numpy's percentile with `<=` prunes floor(ratio * (n - 1)) + 1 of n groups of distinct scores
+        assert (~grid).sum().item() == np.floor(ratio * (grid.numel() - 1)) + 1, name
+    # the unprofiled weights stay dense
+    assert torch.count_nonzero(state['conv1.weight']) == state['conv1.weight'].numel()
+    assert f"epoch-{meta['epoch']}_top1-{meta['top1']:.3f}.pt" in final       # the best epoch, named
+
+
+def test_learning_rate_warms_up_then_anneals(trained):
+    folder = os.path.join(trained['ckpt'], RUN)
+    curves = np.load(os.path.join(folder, f'{RUN}_2rhos_curves.npz'))
+    lr = curves['lr']                       # learning rate at the start of each epoch
+    assert lr[0] == pytest.approx(1e-5) and lr[1] == pytest.approx(1e-3, rel=1e-3) and lr[2] < lr[1]
+
+
+def test_evaluate_reports_accuracy_sparsity_and_flops(trained, data):
+    final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
+    out = run('--evaluate', '--load-path', final, *trained['common'])
+    result = json.loads(out.stdout.split('RESULT ', 1)[1])
+    assert 0 <= result['top1'] <= 100 and result['top5'] >= result['top1']
+    model = build_model('c3d', 5, crop_size=16)
+    expected = profile_flops.profile(model, 16, 16, admm.load_profile('c3d_2.53x_v2', model))['flops_reduction']
+    assert result['flops_reduction'] == pytest.approx(expected, rel=0.01)
+    assert 'density' in out.stdout
+
+
+def test_new_admm_run_moves_the_old_directory_aside(trained, data, tmp_path):
+    ckpt = tmp_path / 'ck'
+    os.makedirs(ckpt / RUN)
+    (ckpt / RUN / 'old.txt').write_text('keep me')
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    run('--admm', '--epochs', 1, '--rho-num', 1, '--load-path', baseline, '--max-batches', 1,
+        '--data_location', data, '--ckpt-root', ckpt, *GEOMETRY)
+    assert (ckpt / f'{RUN}_v1' / 'old.txt').read_text() == 'keep me'
+    assert (ckpt / RUN / f'{RUN}_0.0001.pt').exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(trained, data, tmp_path):
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    args = ['--admm', '--epochs', 3, '--admm-epochs', 2, '--rho', 0.01, '--rho-num', 1, '--load-path', baseline,
+            '--lr', 0.001, '--data_location', data, *GEOMETRY]
+    run(*args, '--ckpt-root', tmp_path / 'straight')
+
+    killed = tmp_path / 'killed'
+    log = killed / RUN / f'{RUN}_admm.log'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args),
+                             '--ckpt-root', str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and 'epoch 2 batch 1/' in log.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / RUN / f'{RUN}_0.01.pt').exists(), 'the run finished before it could be killed'
+    run(*args, '--ckpt-root', killed, '--resume')
+
+    a, _ = read_checkpoint(str(tmp_path / 'straight' / RUN / f'{RUN}_0.01.pt'))
+    b, meta = read_checkpoint(str(killed / RUN / f'{RUN}_0.01.pt'))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(meta['history']['val_top1']) == 3
+
+
+def test_atomic_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    import opt_main
+    path = str(tmp_path / 'model.pt')
+    opt_main.atomic_save({'x': torch.ones(3)}, path)
+
+    def broken(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', broken)
+    with pytest.raises(KeyboardInterrupt):
+        opt_main.atomic_save({'x': torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_admm_with_masked_retrain_is_refused():
+    out = run('--admm', '--masked-retrain', check=False)
+    assert out.returncode == 2 and '--admm and --masked-retrain cannot be combined' in out.stderr
+
+
+def test_missing_baseline_names_the_paths_and_how_to_train_one(data, tmp_path):
+    out = run('--admm', '--epochs', 1, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, check=False)
+    assert out.returncode == 1
+    assert 'ucf101_c3d_transfer_epoch-14_top1-81.571.pt' in out.stdout and '--baseline' in out.stdout
+    assert 'Traceback' not in out.stdout + out.stderr
+
+
+def test_checkpoint_of_another_class_count_is_refused(trained, data, tmp_path):
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    args = [a if a != '5' else '7' for a in GEOMETRY]
+    out = run('--admm', '--epochs', 1, '--load-path', baseline, '--data_location', data, '--ckpt-root', tmp_path,
+              *args, check=False)
+    assert out.returncode == 1 and 'fc8.weight' in out.stdout and '--num-classes 5' in out.stdout
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained, data, tmp_path):
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    args = [a if a != 'c3d' else 'r2+1d' for a in GEOMETRY]
+    out = run('--evaluate', '--load-path', baseline, '--data_location', data, *args, check=False)
+    assert out.returncode == 1 and 'missing keys' in out.stdout and 'Traceback' not in out.stderr
+
+
+def test_non_finite_loss_stops_before_saving(trained, data, tmp_path):
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    state, _ = read_checkpoint(baseline)
+    state['fc8.bias'][0] = float('nan')
+    bad = tmp_path / 'bad.pt'
+    torch.save(state, bad)
+    out = run('--admm', '--epochs', 1, '--rho-num', 1, '--load-path', bad, '--data_location', data,
+              '--ckpt-root', tmp_path, *GEOMETRY, check=False)
+    assert out.returncode == 1 and 'epoch 1, batch 1' in out.stdout
+    assert not glob.glob(str(tmp_path / RUN / '*.pt'))
+
+
+def test_retrain_without_admm_run_says_what_to_do(data, tmp_path):
+    out = run('--masked-retrain', '--epochs', 1, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY,
+              check=False)
+    assert out.returncode == 1 and 'Run the ADMM phase first' in out.stdout and '--load-path' in out.stdout
+
+
+def test_resume_without_a_previous_run_is_an_error(data, tmp_path):
+    out = run('--masked-retrain', '--resume', '--epochs', 1, '--load-path', 'x.pt', '--data_location', data,
+              '--ckpt-root', tmp_path, *GEOMETRY, check=False)
+    assert out.returncode == 1 and 'nothing to resume' in out.stdout
+
+
+def test_missing_data_names_the_list_file(tmp_path):
+    out = run('--baseline', '--epochs', 1, '--data_location', tmp_path, '--ckpt-root', tmp_path, *GEOMETRY,
+              check=False)
+    assert out.returncode == 1 and str(tmp_path / 'ucf101_frame' / 'val.txt') in out.stdout
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def test_torchrun_with_two_cpu_processes(trained, data, tmp_path):
+    baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+    common = ['--rho', 0.01, '--rho-num', 1, '--config-file', 'c3d_2.53x_v2', '--load-path', baseline,
+              '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY]
+    common[common.index('--batch-size') + 1] = '2'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                os.path.join(ROOT, 'opt_main.py')]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for phase in (['--admm', '--epochs', 2, '--admm-epochs', 1], ['--masked-retrain', '--epochs', 1]):
+        out = subprocess.run(torchrun + [str(a) for a in phase + common], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = open(tmp_path / RUN / f'{RUN}_admm.log').read()
+    assert 'Z and U updated (identical on 2 processes)' in text
+    assert 'identical on 2 processes' in open(tmp_path / RUN / f'{RUN}_retrain.log').read()
+    # one process wrote: every epoch line once, no stray temporary files
+    assert text.count('epoch 2/2: train loss') == 1
+    assert not glob.glob(str(tmp_path / RUN / '*.tmp*'))
+    final = glob.glob(str(tmp_path / RUN / f'{RUN}_1rhos_epoch-*.pt'))
+    assert len(final) == 1
