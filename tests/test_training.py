@@ -264,3 +264,19 @@ def test_torchrun_with_two_cpu_processes(trained, data, tmp_path):
     assert not glob.glob(str(tmp_path / RUN / '*.tmp*'))
     final = glob.glob(str(tmp_path / RUN / f'{RUN}_1rhos_epoch-*.pt'))
     assert len(final) == 1
+
+
+def test_original_recipe_script_runs_both_phases(trained, data, tmp_path):
+    import shutil
+    for f in glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt')):
+        shutil.copy(f, tmp_path)                        # the teacher for --distill and the ADMM start
+    env = {**os.environ, 'PYTHON': sys.executable, 'DATA': data, 'ADMM_EPOCHS': '1', 'RETRAIN_EPOCHS': '2'}
+    extra = ['--ckpt-root', str(tmp_path), '--rho-num', '1', '--warmup-epochs', '1', '--max-batches', '1',
+             *GEOMETRY]
+    out = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'blk-kgs_c3d.sh'), *extra], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    folder = tmp_path / RUN
+    assert (folder / f'{RUN}_0.0001.pt').exists()
+    assert glob.glob(str(folder / f'{RUN}_1rhos_distill_epoch-*_top1-*.pt'))
+    assert 'distilling from' in (folder / f'{RUN}_retrain.log').read_text()
