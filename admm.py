@@ -13,29 +13,46 @@ import yaml
 
 from models import strip_module_prefix
 
-BLOCK_TYPES = ('blk-kgs', 'blk-vanilla')
+# Types cut into gM x gN blocks (`--connectivity-block-size`): the run name gets `-r{gM}c{gN}`.
+BLOCK_TYPES = ('blk-kgs', 'blk-vanilla', 'kgr', 'kgc')
 SPARSITY_TYPES = BLOCK_TYPES + ('filter', 'irregular')
+KGC_CHUNK = 9          # kgc: kernel positions per chunk (3x3x3 kernels give 3 chunks)
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'profiles')
 
 
 # ----------------------------------------------------------------------------- groups
 
-def _blocked(weight, block_size):
-    """Zero-pad `(O, I, ...)` to multiples of the block and view it as `(O/gM, gM, I/gN, gN, K)`."""
+def _blocked(weight, block_size, chunk=None):
+    """Zero-pad `(O, I, ...)` to multiples of the block and view it as `(O/gM, gM, I/gN, gN, K)`.
+
+    With `chunk`, K is also padded to a multiple of it and split: `(O/gM, gM, I/gN, gN, K/chunk, chunk)`.
+    """
     gm, gn = block_size
     o, i = weight.shape[:2]
     w = weight.reshape(o, i, -1)
-    po, pi = -o % gm, -i % gn
-    if po or pi:
-        w = torch.nn.functional.pad(w, (0, 0, 0, pi, 0, po))
-    return w.view((o + po) // gm, gm, (i + pi) // gn, gn, w.shape[-1])
+    k = w.shape[-1]
+    po, pi, pk = -o % gm, -i % gn, (-k % chunk if chunk else 0)
+    if po or pi or pk:
+        w = torch.nn.functional.pad(w, (0, pk, 0, pi, 0, po))
+    blocks = ((o + po) // gm, gm, (i + pi) // gn, gn)
+    return w.view(*blocks, (k + pk) // chunk, chunk) if chunk else w.view(*blocks, k)
 
 
 def _unblocked(blocks, shape):
     """Inverse of `_blocked`: crop the padding and restore `shape`."""
-    ob, gm, ib, gn, k = blocks.shape
-    w = blocks.reshape(ob * gm, ib * gn, k)
-    return w[:shape[0], :shape[1]].reshape(shape)
+    ob, gm, ib, gn = blocks.shape[:4]
+    w = blocks.reshape(ob * gm, ib * gn, -1)
+    return w[:shape[0], :shape[1], :math.prod(shape[2:])].reshape(shape)
+
+
+def _kgc_chunk(shape):
+    """Kernel positions per kgc chunk: 9, or K itself for smaller kernels (see `_check`)."""
+    return min(KGC_CHUNK, math.prod(shape[2:]))
+
+
+def _kgr_rows(gm, ratio):
+    """Rows kgr prunes in every block: ceil(gM * ratio), without float noise (0.3 * 10 is not above 3)."""
+    return math.ceil(round(gm * ratio, 9))
 
 
 def _check(weight, ratio, sparsity_type, block_size):
@@ -48,9 +65,17 @@ def _check(weight, ratio, sparsity_type, block_size):
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
     if sparsity_type in BLOCK_TYPES and (len(block_size) != 2 or min(block_size) < 1):
         raise ValueError(f"block size must be two positive integers (gM gN), got {block_size}")
+    if ratio > 0 and sparsity_type == 'kgr' and _kgr_rows(block_size[0], ratio) >= block_size[0]:
+        raise ValueError(f"kgr at ratio {ratio} prunes ceil({block_size[0]} * {ratio}) = "
+                         f"{_kgr_rows(block_size[0], ratio)} of the {block_size[0]} rows of every block, i.e. the "
+                         f"whole weight; use a ratio <= {(block_size[0] - 1) / block_size[0]:.4g} or a larger gM")
+    if ratio > 0 and sparsity_type == 'kgc' and math.prod(weight.shape[2:]) == 1:
+        raise ValueError(f"kgc groups kernel positions, but a weight of shape {tuple(weight.shape)} has one position "
+                         f"per kernel (a linear layer or a 1x1x1 conv): every block would be one group and be "
+                         f"pruned whole. Prune this weight with another type (e.g. a kgr profile) instead")
 
 
-def _grid_view(weight, sparsity_type, block_size):
+def grid_view(weight, sparsity_type, block_size):
     """`(view, dims)`: a broadcastable view of the weight and the dims that make up one group.
 
     Reducing `view` over `dims` (keepdim) gives the group grid; the grid broadcasts back onto
@@ -60,11 +85,14 @@ def _grid_view(weight, sparsity_type, block_size):
         return weight, ()
     if sparsity_type == 'filter':
         return weight.reshape(weight.shape[0], -1), (1,)
-    b = _blocked(weight, block_size)                       # (Ob, gM, Ib, gN, K)
-    return b, ((1, 3, 4) if sparsity_type == 'blk-vanilla' else (1, 3))
+    if sparsity_type == 'kgc':                                 # (Ob, gM, Ib, gN, K/9, 9)
+        return _blocked(weight, block_size, _kgc_chunk(weight.shape)), (1, 3, 4)
+    b = _blocked(weight, block_size)                           # (Ob, gM, Ib, gN, K)
+    return b, {'blk-kgs': (1, 3), 'blk-vanilla': (1, 3, 4), 'kgr': (3, 4)}[sparsity_type]
 
 
-def _from_view(view, weight_shape, sparsity_type):
+def from_grid_view(view, weight_shape, sparsity_type):
+    """Inverse of `grid_view`: crop the padding and restore `weight_shape`."""
     if sparsity_type in BLOCK_TYPES:
         return _unblocked(view, weight_shape)
     return view.reshape(weight_shape)
@@ -73,33 +101,57 @@ def _from_view(view, weight_shape, sparsity_type):
 def group_scores(weight, sparsity_type, block_size=(8, 4)):
     """Score of every group, laid out as the group grid (see `keep_groups`):
     L2 norm / sqrt(max(1, non-zeros in the group))."""
-    view, dims = _grid_view(weight, sparsity_type, block_size)
+    view, dims = grid_view(weight, sparsity_type, block_size)
     view = view.float()
     if not dims:                                           # one weight per group
         return view.abs()
     norms = view.square().sum(dim=dims, keepdim=True).sqrt_()
     if torch.count_nonzero(weight) == weight.numel():
         # The common case (no zeros but the padding's) skips a full counting pass.
-        nonzeros = _real_members(weight.shape, sparsity_type, block_size, weight.device)
+        nonzeros = group_sizes(weight.shape, sparsity_type, block_size, weight.device)
     else:
         nonzeros = (view != 0).float().sum(dim=dims, keepdim=True)
     return norms / nonzeros.clamp(min=1).sqrt().expand_as(norms)
 
 
-def _real_members(shape, sparsity_type, block_size, device):
-    """Entries of each group that are not padding, broadcastable to the group grid."""
+def group_sizes(shape, sparsity_type, block_size=(8, 4), device='cpu'):
+    """Entries of each group that are not padding, broadcastable to the group grid (0 for a
+    group made of padding only: a kgr row past the last filter)."""
     k = math.prod(shape[2:])
+    if sparsity_type == 'irregular':
+        return torch.ones((1,) * len(shape), device=device)
     if sparsity_type == 'filter':
         return torch.full((1, 1), float(shape[1] * k), device=device)
     (gm, gn), (o, i) = block_size, shape[:2]
-    rows = (o - gm * torch.arange(-(-o // gm), device=device)).clamp(max=gm).float()
-    cols = (i - gn * torch.arange(-(-i // gn), device=device)).clamp(max=gn).float()
-    members = rows.view(-1, 1, 1, 1, 1) * cols.view(1, 1, -1, 1, 1)
-    return members * k if sparsity_type == 'blk-vanilla' else members
+    ob, ib = -(-o // gm), -(-i // gn)
+    cols = (i - gn * torch.arange(ib, device=device)).clamp(max=gn).float().view(1, 1, -1, 1, 1)
+    if sparsity_type == 'kgr':
+        real_rows = (torch.arange(ob * gm, device=device) < o).float().view(ob, gm, 1, 1, 1)
+        return real_rows * cols * k
+    members = (o - gm * torch.arange(ob, device=device)).clamp(max=gm).float().view(-1, 1, 1, 1, 1) * cols
+    if sparsity_type == 'blk-vanilla':
+        return members * k
+    if sparsity_type == 'kgc':
+        # Position j of a chunk is real in ceil((K - j) / chunk) of the chunks (the last one is padded).
+        chunk = _kgc_chunk(shape)
+        positions = (k - torch.arange(chunk, device=device) + chunk - 1) // chunk
+        return members.unsqueeze(-1) * positions.float()
+    return members
 
 
-def percentile(values, q):
-    """numpy's default `percentile(values, q)`: linear interpolation between order statistics."""
+def percentile(values, q, dim=None):
+    """numpy's default `percentile(values, q)`: linear interpolation between order statistics.
+
+    With `dim`, one percentile per slice along `dim` (kept as a size-1 dim), as numpy's `axis`.
+    """
+    if dim is not None:
+        ordered = values.sort(dim=dim).values.double()
+        n = values.shape[dim]
+        pos = q / 100 * (n - 1)
+        lo = math.floor(pos)
+        below = ordered.narrow(dim, lo, 1)
+        above = ordered.narrow(dim, min(lo + 1, n - 1), 1)
+        return below + (above - below) * (pos - lo)
     flat = values.flatten()
     pos = q / 100 * (flat.numel() - 1)
     lo = math.floor(pos)
@@ -113,13 +165,30 @@ def keep_groups(weight, ratio, sparsity_type, block_size=(8, 4)):
     """Boolean group grid, True for the groups `project` keeps.
 
     The grid is the kept-group index: `(O/gM, 1, I/gN, 1, K)` for blk-kgs,
-    `(O/gM, 1, I/gN, 1, 1)` for blk-vanilla, `(O, 1)` for filter and the weight's own shape
-    for irregular (block counts rounded up).
+    `(O/gM, 1, I/gN, 1, 1)` for blk-vanilla, `(O/gM, gM, I/gN, 1, 1)` for kgr,
+    `(O/gM, 1, I/gN, 1, 1, min(9, K))` for kgc, `(O, 1)` for filter and the weight's own
+    shape for irregular (block counts rounded up).
     """
     _check(weight, ratio, sparsity_type, block_size)
-    scores = group_scores(weight.detach(), sparsity_type, block_size)
+    return select_groups(group_scores(weight.detach(), sparsity_type, block_size), ratio, sparsity_type, block_size)
+
+
+def select_groups(scores, ratio, sparsity_type, block_size=(8, 4)):
+    """The selection rule on a grid of `group_scores`: True for the groups kept at `ratio`
+    (`keep_groups` without re-scoring; for callers that try many ratios on one weight)."""
     if ratio == 0:
         return torch.ones_like(scores, dtype=torch.bool)
+    if sparsity_type == 'kgr':
+        # Every block prunes exactly ceil(gM * ratio) rows, the lowest scores; ties go to the
+        # lower row index (stable sort). Rows past the last filter are padding, score 0, and are
+        # pruned first, so an edge block keeps as many real rows as a full one when it has them.
+        order = scores.sort(dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
+                                                .view(1, -1, 1, 1, 1).expand_as(order))
+        return rank >= _kgr_rows(block_size[0], ratio)
+    if sparsity_type == 'kgc':
+        # Per block: the same percentile rule as the other types, over the block's 9 groups only.
+        return scores > percentile(scores, 100 * ratio, dim=-1)
     return scores > percentile(scores, 100 * ratio)
 
 
@@ -134,17 +203,41 @@ def project(weight, ratio, sparsity_type, block_size=(8, 4), return_keep=False):
     if ratio == 0:
         projected = w.clone()
     else:
-        view, _ = _grid_view(w, sparsity_type, block_size)
-        # A float mask multiplies several times faster than a bool one (no type promotion).
-        projected = _from_view(view * keep.to(w.dtype), w.shape, sparsity_type)
+        view, _ = grid_view(w, sparsity_type, block_size)
+        # A float mask multiplies several times faster than a bool one (no type promotion);
+        # adding 0 turns the -0.0 of pruned negative weights into +0.0, so pruned entries are
+        # all-zero bits and a compact file (models/compact.py) restores them exactly.
+        projected = from_grid_view((view * keep.to(w.dtype)).add_(0.0), w.shape, sparsity_type)
     return (projected, keep) if return_keep else projected
 
 
 def expand_groups(keep, weight_shape, sparsity_type, block_size=(8, 4)):
     """Turn a kept-group grid into an elementwise boolean mask of `weight_shape`."""
     ones = torch.ones(weight_shape, dtype=torch.bool, device=keep.device)
-    view, _ = _grid_view(ones, sparsity_type, block_size)
-    return _from_view(view & keep, weight_shape, sparsity_type)
+    view, _ = grid_view(ones, sparsity_type, block_size)
+    return from_grid_view(view & keep, weight_shape, sparsity_type)
+
+
+def combined_project(weight, rules, block_size=(8, 4), return_keep=False):
+    """Several sparsity patterns at once: `weight` times the mask of every `(ratio, sparsity_type)`
+    rule, each computed on `weight` itself (the masks multiply; their order does not matter).
+
+    With `return_keep=True` also returns the list of kept-group grids, one per rule.
+    """
+    rules = list(rules)
+    if not rules:
+        raise ValueError("combined_project needs at least one (ratio, sparsity_type) rule")
+    if len(rules) == 1:
+        projected, keep = project(weight, *rules[0], block_size=block_size, return_keep=True)
+        return (projected, [keep]) if return_keep else projected
+    w = weight.detach()
+    keeps = [keep_groups(w, ratio, kind, block_size) for ratio, kind in rules]
+    mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    for keep, (ratio, kind) in zip(keeps, rules):
+        if ratio > 0:
+            mask &= expand_groups(keep, w.shape, kind, block_size)
+    projected = (w * mask.to(w.dtype)).add_(0.0)
+    return (projected, keeps) if return_keep else projected
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -210,6 +303,42 @@ def prunable_parameters(model, prune_ratios):
             if strip_module_prefix(n) in prune_ratios}
 
 
+def profile_pairs(prune_ratios, sparsity_type):
+    """`[(profile, sparsity type), ...]` from one profile and type, or from a list of profiles
+    with a list of as many types (or one type for all): several profiles pruned at once."""
+    profiles = [prune_ratios] if isinstance(prune_ratios, dict) else list(prune_ratios)
+    types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
+    if len(types) == 1:
+        types = types * len(profiles)
+    if not profiles or len(types) != len(profiles):
+        raise ValueError(f"got {len(profiles)} profiles and {len(types)} sparsity types: give one type per "
+                         f"profile (--sparsity-type kgr kgc --config-file A B), or one type for all")
+    for kind in types:
+        if kind not in SPARSITY_TYPES:
+            raise ValueError(f"unknown sparsity type {kind!r}; choose one of {', '.join(SPARSITY_TYPES)}")
+    return list(zip(profiles, types))
+
+
+def weight_rules(prune_ratios, sparsity_type):
+    """`{weight name: [(ratio, sparsity type), ...]}`: the rules of every profile that lists the
+    weight, in profile order (see `profile_pairs`; `combined_project` applies them)."""
+    rules = {}
+    for profile, kind in profile_pairs(prune_ratios, sparsity_type):
+        for name, ratio in profile.items():
+            rules.setdefault(name, []).append((ratio, kind))
+    return rules
+
+
+def check_rules(params, rules, block_size):
+    """Refuse, naming the weight, a rule that `project` would refuse (before any work is done)."""
+    for name, w in params.items():
+        for ratio, kind in rules[name]:
+            try:
+                _check(w, ratio, kind, block_size)
+            except ValueError as exc:
+                raise ValueError(f"`{name}` at ratio {ratio} ({kind}): {exc}") from None
+
+
 # ----------------------------------------------------------------------------- ADMM
 
 class _Penalty(torch.autograd.Function):
@@ -236,6 +365,8 @@ class _Penalty(torch.autograd.Function):
 class ADMM:
     """Z and U for the profiled weights, and the augmented-Lagrangian penalty.
 
+    `prune_ratios` / `sparsity_type` are one profile and type, or lists of both (several
+    profiles at once: Z = W times every profile's mask, see `combined_project`).
     `penalty='seed'` pulls only the entries where Z is zero toward -U (what the original
     trains with); `penalty='textbook'` is `0.5 * rho * ||W - Z + U||^2` over every entry.
     """
@@ -243,8 +374,10 @@ class ADMM:
     def __init__(self, model, prune_ratios, rho, sparsity_type='blk-kgs', block_size=(8, 4), penalty='seed'):
         if penalty not in ('seed', 'textbook'):
             raise ValueError(f"ADMM penalty must be 'seed' or 'textbook', got {penalty!r}")
-        self.params = prunable_parameters(model, prune_ratios)
-        self.prune_ratios = dict(prune_ratios)
+        self.rules = weight_rules(prune_ratios, sparsity_type)
+        self.params = prunable_parameters(model, self.rules)
+        check_rules(self.params, self.rules, block_size)
+        self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
         self.rho, self.sparsity_type, self.block_size, self.penalty = rho, sparsity_type, tuple(block_size), penalty
         self.Z, self.U = {}, {}
         self._masks, self._offsets = [], []
@@ -266,7 +399,7 @@ class ADMM:
         self._precompute()
 
     def _project(self, name, w):
-        return project(w.detach(), self.prune_ratios[name], self.sparsity_type, self.block_size)
+        return combined_project(w.detach(), self.rules[name], self.block_size)
 
     def _precompute(self):
         if self.penalty == 'seed':
@@ -307,17 +440,112 @@ class ADMM:
         return rows
 
 
+# ----------------------------------------------------------------------------- reweighted regularisation
+
+class Reweighted:
+    """The RT3D paper's reweighted group regularisation: `penalty * sum_g alpha_g * ||w_g||_2`
+    over the groups of every profiled weight, `alpha_g = 1 / (||w_g||^2 + eps)` frozen between
+    `reweight()` calls, so groups that are already small are pushed hardest toward zero.
+
+    Groups are those of `sparsity_type` (lists of profiles and types as in `ADMM`: a weight
+    listed by several profiles gets every profile's groups). Weights at ratio 0 are left alone.
+    """
+
+    def __init__(self, model, prune_ratios, penalty=1e-6, sparsity_type='blk-kgs', block_size=(8, 4), eps=1e-3):
+        if eps <= 0:
+            raise ValueError(f"reweighting eps must be positive (it keeps alpha finite at zero groups), got {eps}")
+        rules = weight_rules(prune_ratios, sparsity_type)
+        check_rules(prunable_parameters(model, rules), rules, block_size)
+        kinds = {name: [kind for ratio, kind in listed if ratio > 0] for name, listed in rules.items()}
+        self.rules = {name: listed for name, listed in kinds.items() if listed}
+        self.params = prunable_parameters(model, self.rules)
+        self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
+        self.penalty, self.sparsity_type, self.block_size, self.eps = penalty, sparsity_type, tuple(block_size), eps
+        self.alpha = {}
+
+    def _norms(self, w, kind):
+        """L2 norm of every group of `w`, as the group grid (differentiable)."""
+        view, dims = grid_view(w, kind, self.block_size)
+        if not dims:
+            return view.abs()
+        # vector_norm's gradient at an all-zero group is 0, not NaN (it masks norm == 0).
+        return torch.linalg.vector_norm(view, dim=dims, keepdim=True)
+
+    @torch.no_grad()
+    def reweight(self):
+        """alpha_g = 1 / (||w_g||^2 + eps) from the current weights (0 for groups of padding only)."""
+        for name, w in self.params.items():
+            self.alpha[name] = []
+            for kind in self.rules[name]:
+                norms = self._norms(w.detach().float(), kind)
+                real = group_sizes(w.shape, kind, self.block_size, w.device) > 0
+                self.alpha[name].append((real / (norms.square() + self.eps)).to(w.dtype))
+
+    def loss(self):
+        """The penalty for the current weights (a scalar with a gradient; none flows into alpha)."""
+        if not self.alpha:
+            raise RuntimeError("Reweighted.loss() before reweight()")
+        total = sum((alpha * self._norms(w, kind)).sum()
+                    for name, w in self.params.items()
+                    for kind, alpha in zip(self.rules[name], self.alpha[name]))
+        return self.penalty * total
+
+    def state_dict(self):
+        return {'penalty': self.penalty, 'eps': self.eps, 'alpha': {n: list(a) for n, a in self.alpha.items()}}
+
+    def load_state_dict(self, state):
+        alpha = state['alpha']
+        missing = set(self.params) - set(alpha)
+        if missing:
+            raise KeyError(f"reweighting state lacks alpha for {', '.join(sorted(missing))}: "
+                           f"was it saved with another profile?")
+        for name, w in self.params.items():
+            own = [tuple(self._norms(torch.empty(w.shape, device='meta'), k).shape) for k in self.rules[name]]
+            saved = [tuple(a.shape) for a in alpha[name]]
+            if saved != own:
+                raise ValueError(f"reweighting state: alpha of {name} has group grids {saved}, this profile and "
+                                 f"sparsity type give {own}: was it saved with another --sparsity-type or block size?")
+            self.alpha[name] = [a.to(w.device, w.dtype) for a in alpha[name]]
+        self.penalty, self.eps = state.get('penalty', self.penalty), state.get('eps', self.eps)
+
+    @torch.no_grad()
+    def report(self, threshold=1e-4):
+        """Per weight: fraction of entries with |w| < threshold, and fraction of groups whose
+        RMS (norm / sqrt(entries)) is below it (over the groups of all its types)."""
+        rows = {}
+        for name, w in self.params.items():
+            small = total = 0
+            for kind in self.rules[name]:
+                members = group_sizes(w.shape, kind, self.block_size, w.device)
+                rms = self._norms(w.float(), kind) / members.clamp(min=1).sqrt()
+                real = (members > 0).expand_as(rms)
+                small += (real & (rms < threshold)).sum().item()
+                total += real.sum().item()
+            rows[name] = {'near_zero': (w.abs() < threshold).float().mean().item(), 'small_groups': small / total}
+        return rows
+
+
 # ----------------------------------------------------------------------------- hard pruning and masks
 
 @torch.no_grad()
 def hard_prune(model, prune_ratios, sparsity_type='blk-kgs', block_size=(8, 4)):
-    """Project every profiled weight in place; return `{name: kept-group grid}` (bool, on CPU)."""
-    kept = {}
-    for name, w in prunable_parameters(model, prune_ratios).items():
-        projected, keep = project(w, prune_ratios[name], sparsity_type, block_size, return_keep=True)
+    """Project every profiled weight in place; return `{name: kept-group grid}` (bool, on CPU).
+
+    With lists of profiles and types the masks multiply (`combined_project`) and the result is a
+    list: one `{name: kept-group grid}` per profile, each grid computed on the unpruned weight.
+    """
+    pairs = profile_pairs(prune_ratios, sparsity_type)
+    rules = weight_rules(prune_ratios, sparsity_type)
+    params = prunable_parameters(model, rules)
+    check_rules(params, rules, block_size)
+    kept = [{} for _ in pairs]
+    for name, w in params.items():
+        projected, keeps = combined_project(w, rules[name], block_size, return_keep=True)
         w.copy_(projected)
-        kept[name] = keep.cpu()
-    return kept
+        listing = (i for i, (profile, _) in enumerate(pairs) if name in profile)
+        for i, keep in zip(listing, keeps):
+            kept[i][name] = keep.cpu()
+    return kept[0] if isinstance(prune_ratios, dict) else kept
 
 
 class Masks:

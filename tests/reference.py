@@ -23,6 +23,8 @@ def project_reference(weight, ratio, sparsity_type, block_size=(8, 4)):
         return _prune(w3, groups, ratio).reshape(shape)
     gm, gn = block_size
     ob, ib = math.ceil(o / gm), math.ceil(i / gn)
+    if sparsity_type in ('kgr', 'kgc'):
+        return _balanced_reference(w3, ratio, sparsity_type, block_size).reshape(shape)
     groups = []
     for bo in range(ob):
         for bi in range(ib):
@@ -49,3 +51,36 @@ def _prune(w, groups, ratio):
             for idx in g:
                 out[idx] = 0
     return out
+
+
+def _balanced_reference(w, ratio, sparsity_type, block_size):
+    """kgr / kgc, one block at a time: each block chooses among its own groups."""
+    o, i, k = w.shape
+    gm, gn = block_size
+    out = w.copy()
+    for bo in range(math.ceil(o / gm)):
+        for bi in range(math.ceil(i / gn)):
+            rows = range(bo * gm, min((bo + 1) * gm, o))
+            cols = range(bi * gn, min((bi + 1) * gn, i))
+            if sparsity_type == 'kgr':
+                # gM rows per block; rows past the last filter are padding with score 0.
+                groups = [[(r, c, p) for c in cols for p in range(k)] for r in rows]
+                scores = [_score(w, g) for g in groups] + [0.0] * (gm - len(groups))
+                ranked = sorted(range(gm), key=lambda row: (scores[row], row))
+                n_pruned = math.ceil(round(gm * ratio, 9))
+                pruned = [groups[row] for row in ranked[:n_pruned] if row < len(groups)]
+            else:
+                chunk = min(9, k)
+                groups = [[(r, c, p) for r in rows for c in cols for p in range(j, k, chunk)] for j in range(chunk)]
+                scores = [_score(w, g) for g in groups]
+                threshold = np.percentile(np.array(scores), 100 * ratio)
+                pruned = [g for g, s in zip(groups, scores) if s <= threshold]
+            for g in pruned:
+                for idx in g:
+                    out[idx] = 0
+    return out
+
+
+def _score(w, group):
+    vals = np.array([w[idx] for idx in group], dtype=np.float64)
+    return np.sqrt(np.sum(vals ** 2)) / np.sqrt(max(1, int(np.count_nonzero(vals))))
