@@ -39,6 +39,7 @@ class C3D(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
                 nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc8.weight, std=0.01)     # start from near-uniform predictions
 
     @staticmethod
     def _flat_features(num_frames, crop_size):
