@@ -148,21 +148,49 @@ def run_name(args):
     return f"{args.dataset}_{args.arch}_{types}" + (f"-r{gm}c{gn}" if block else "")
 
 
-def run_paths(args):
+def run_paths(args, method='admm'):
+    """Files of a pruning run. `method` names the retrained model: after ADMM it is
+    `{name}_{R}rhos` (the original's name), after --rew `{name}_rew_retrained`, and from any
+    other model (--load-path: one-shot pruning) `{name}_oneshot`."""
     name = run_name(args)
     folder = os.path.join(args.ckpt_root, name)
-    retrained = f"{name}_{args.rho_num}rhos" + ('_distill' if args.distill else '')
+    stem = {'admm': f"{name}_{args.rho_num}rhos", 'rew': f"{name}_rew_retrained", 'oneshot': f"{name}_oneshot"}
+    retrained = stem[method] + ('_distill' if args.distill else '')
+    profiles = [f"{name}.yaml"] if len(args.config_file) == 1 else \
+        [f"{name}_{i + 1}.yaml" for i in range(len(args.config_file))]
     return {
         'dir': folder, 'name': name,
-        'profile': os.path.join(folder, f"{name}.yaml"),
+        'profiles': [os.path.join(folder, f) for f in profiles],
         'stage': lambda rho: os.path.join(folder, f"{name}_{rho:g}.pt"),
         'admm_resume': os.path.join(folder, f"{name}_admm_last.pt"),
+        'rew': os.path.join(folder, f"{name}_rew.pt"),
+        'rew_resume': os.path.join(folder, f"{name}_rew_last.pt"),
         'retrained': os.path.join(folder, retrained + '.pt'),
         'retrain_resume': os.path.join(folder, retrained + '_last.pt'),
         'kept': os.path.join(folder, retrained + '_kept.npz'),
         'curves': os.path.join(folder, retrained + '_curves'),
         'log': lambda phase: os.path.join(folder, f"{name}_{phase}.log"),
     }
+
+
+def open_run(run, phase):
+    """Start a pruning run's directory: a fresh --admm / --rew moves an existing one aside, keeps a
+    copy of the profiles, and opens the phase's log. Returns (paths, model, rules)."""
+    a, paths = run.args, run_paths(run.args)
+    if is_main():
+        if os.path.isdir(paths['dir']) and not a.resume:
+            log.info(f"moved the previous run aside to {move_aside(paths['dir'])}")
+        os.makedirs(paths['dir'], exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    setup_logging(paths['log'](phase))
+    log_command(a)
+    base = new_model(a, run.classes, run.device)
+    rules = load_rules(a, base)
+    if is_main() and not a.resume:
+        for source, copy in zip(a.config_file, paths['profiles']):
+            shutil.copyfile(admm.resolve_profile_path(source), copy)
+    return paths, base, rules
 
 
 def baseline_glob(args, arch=None):
@@ -549,6 +577,24 @@ def pruning_args(rules):
 
 # ----------------------------------------------------------------------------- phases
 
+def train_keeping_best(run, model, optimizer, scheduler, start, best, best_path, resume_path, **kw):
+    """Epochs `start..--epochs` with a per-batch scheduler. The best-top-1 model is kept at
+    `best_path` and renamed `..._epoch-{E}_top1-{acc:.3f}.pt` at the end; a resume file is
+    written after every epoch. Returns the final path and the best epoch."""
+    a = run.args
+    for epoch in range(start, a.epochs + 1):
+        top1 = run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, **kw)
+        if top1 > best['top1']:
+            best = {'top1': top1, 'epoch': epoch}
+            atomic_save(run.checkpoint(model, epoch=epoch, top1=top1), best_path)
+        atomic_save(run.checkpoint(model, epoch=epoch, top1=top1, best=best,
+                                   **run.resume_state(optimizer, scheduler)), resume_path)
+    final = f"{best_path[:-3]}_epoch-{best['epoch']}_top1-{best['top1']:.3f}.pt"
+    if is_main() and os.path.exists(best_path):
+        os.replace(best_path, final)
+    return final, best
+
+
 def run_baseline(run):
     a = run.args
     stem = os.path.join(a.ckpt_root, f"{a.dataset}_{a.arch}_baseline")
@@ -566,36 +612,16 @@ def run_baseline(run):
     if a.resume:
         meta = run.restore(stem + '_last.pt', model, optimizer, scheduler)
         start, best = meta['epoch'] + 1, meta['best']
-    teacher = run.teacher()
-    for epoch in range(start, a.epochs + 1):
-        top1 = run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, teacher=teacher)
-        if top1 > best['top1']:
-            best = {'top1': top1, 'epoch': epoch}
-            atomic_save(run.checkpoint(model, epoch=epoch, top1=top1), stem + '_best.pt')
-        atomic_save(run.checkpoint(model, epoch=epoch, top1=top1, best=best,
-                                   **run.resume_state(optimizer, scheduler)), stem + '_last.pt')
-    final = f"{stem}_epoch-{best['epoch']}_top1-{best['top1']:.3f}.pt"
-    if is_main() and os.path.exists(stem + '_best.pt'):
-        os.replace(stem + '_best.pt', final)
+    final, best = train_keeping_best(run, model, optimizer, scheduler, start, best, stem + '.pt', stem + '_last.pt',
+                                     teacher=run.teacher())
     save_curves(run.history, stem + '_curves')
     log.info(f"baseline: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
 
 
 def run_admm(run):
-    a, paths = run.args, run_paths(run.args)
-    if is_main():
-        if os.path.isdir(paths['dir']) and not a.resume:
-            log.info(f"moved the previous run aside to {move_aside(paths['dir'])}")
-        os.makedirs(paths['dir'], exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    setup_logging(paths['log']('admm'))
-    log_command(a)
-    base = new_model(a, run.classes, run.device)
-    rules = load_rules(a, base)
-    if is_main() and len(rules) == 1 and not a.resume:
-        shutil.copyfile(admm.resolve_profile_path(a.config_file[0]), paths['profile'])
+    a = run.args
+    paths, base, rules = open_run(run, 'admm')
     run.loaders()
     rhos = rho_values(a)
     start_stage, start_epoch, resume_meta = 0, 1, None
@@ -608,7 +634,7 @@ def run_admm(run):
     ratios, types = pruning_args(rules)
     for stage in range(start_stage, len(rhos)):
         rho = rhos[stage]
-        source = a.load_path or find_baseline(a) if stage == 0 else paths['stage'](rhos[stage - 1])
+        source = (a.load_path or find_baseline(a)) if stage == 0 else paths['stage'](rhos[stage - 1])
         if resume_meta is None:
             load_into(base, source, a)
             log.info(f"stage {stage + 1}/{len(rhos)}: rho {rho:g}, starting from {source}")
@@ -666,25 +692,39 @@ def log_convergence(state):
         log.info(f"  {name:<32} |w|<1e-4: {row['near_zero']:.3f}  ||W-Z||/||W||: {row['distance']:.4f}")
 
 
+def retrain_source(a):
+    """(model to hard-prune, method naming the result): --load-path (one-shot pruning), else the
+    last ADMM stage or the --rew model (--retrain-from; auto takes whichever is newer)."""
+    if a.load_path:
+        return a.load_path, 'oneshot'
+    paths = run_paths(a)
+    choices = {'admm': paths['stage'](rho_values(a)[-1]), 'rew': paths['rew']}
+    if a.retrain_from != 'auto':
+        return choices[a.retrain_from], a.retrain_from
+    present = sorted((os.path.getmtime(f), m) for m, f in choices.items() if os.path.isfile(f))
+    method = present[-1][1] if present else 'admm'
+    return choices[method], method
+
+
 def run_retrain(run):
-    a, paths = run.args, run_paths(run.args)
+    a = run.args
+    source, method = retrain_source(a)
+    paths = run_paths(a, method)
     if is_main():
         os.makedirs(paths['dir'], exist_ok=True)
     setup_logging(paths['log']('retrain'))
     log_command(a)
     base = new_model(a, run.classes, run.device)
-    if os.path.isfile(paths['profile']) and len(a.config_file) == 1:
-        if os.path.abspath(admm.resolve_profile_path(a.config_file[0])) != os.path.abspath(paths['profile']):
-            log.info(f"using the ADMM run's profile {paths['profile']} (as the ADMM phase saw it)")
-        a.config_file = [paths['profile']]
+    if method != 'oneshot' and all(os.path.isfile(p) for p in paths['profiles']):
+        log.info(f"profile: {', '.join(paths['profiles'])} (the copy the pruning phase saved)")
+        a.config_file = paths['profiles']
     rules = load_rules(a, base)
-    source = a.load_path or paths['stage'](rho_values(a)[-1])
     if a.resume and not os.path.isfile(paths['retrain_resume']):
         raise UserError(f"--resume: nothing to resume, {paths['retrain_resume']} does not exist")
     if not a.resume and not os.path.isfile(source):
         raise UserError(f"no model to retrain: {source} does not exist. Run the ADMM phase first "
-                        f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num), or "
-                        f"pass --load-path MODEL for one-shot pruning of a trained model")
+                        f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num) or --rew, "
+                        f"or pass --load-path MODEL for one-shot pruning of a trained model")
     run.loaders()
     iters = min(len(run.train_loader), a.max_batches or 10**9)
     model = wrap(base, a, run.device, run.world)
@@ -698,30 +738,89 @@ def run_retrain(run):
         load_into(base, source, a)
         ratios, types = pruning_args(rules)
         kept = admm.hard_prune(base, ratios, types, tuple(a.connectivity_block_size))
+        if isinstance(kept, list):       # several profiles: one grid per profile and weight
+            kept = {f"{t}/{n}": g for t, grids in zip(types, kept) for n, g in grids.items()}
         if is_main():
             np.savez_compressed(paths['kept'], **{k: v.numpy() for k, v in kept.items()})
         top1, _, _ = evaluate(model, run.val_loader, run.device, a.max_batches)
-        log.info(f"hard-pruned {source}: {len(kept)} weights, top-1 {top1:.2f} before retraining; "
-                 f"kept-group index in {paths['kept']}")
+        log.info(f"hard-pruned {source} ({method}): {len(kept)} weight grids, top-1 {top1:.2f} before "
+                 f"retraining; kept-group index in {paths['kept']}")
     masks = admm.Masks(base)
     check_same_on_all_ranks(masks.masks, 'pruning masks')
     log.info(f"masks on {len(masks)} parameters" + (f", identical on {run.world} processes"
                                                      if run.world > 1 else ""))
-    teacher = run.teacher()
-    for epoch in range(start, a.epochs + 1):
-        top1 = run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, masks=masks, teacher=teacher)
-        if top1 > best['top1']:
-            best = {'top1': top1, 'epoch': epoch}
-            atomic_save(run.checkpoint(model, epoch=epoch, top1=top1), paths['retrained'])
-        atomic_save(run.checkpoint(model, epoch=epoch, top1=top1, best=best,
-                                   **run.resume_state(optimizer, scheduler)), paths['retrain_resume'])
-    final = paths['retrained'][:-3] + f"_epoch-{best['epoch']}_top1-{best['top1']:.3f}.pt"
-    if is_main() and os.path.exists(paths['retrained']):
-        os.replace(paths['retrained'], final)
+    final, best = train_keeping_best(run, model, optimizer, scheduler, start, best, paths['retrained'],
+                                     paths['retrain_resume'], masks=masks, teacher=run.teacher())
     save_curves(run.history, paths['curves'])
     log_sparsity(unwrap(model), rules)
     log.info(f"retrained: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
+
+
+def run_rew(run):
+    """Reweighted group regularisation: task loss + penalty * sum_g alpha_g ||w_g||, alpha
+    recomputed at the start and at --rew-milestones epochs."""
+    a = run.args
+    paths, base, rules = open_run(run, 'rew')
+    run.loaders()
+    iters = min(len(run.train_loader), a.max_batches or 10**9)
+    model = wrap(base, a, run.device, run.world)
+    optimizer = make_optimizer(a, model)
+    scheduler = make_scheduler(a, optimizer, iters)
+    ratios, types = pruning_args(rules)
+    reg = admm.Reweighted(base, ratios, a.penalty, types, tuple(a.connectivity_block_size), eps=a.rew_eps)
+    start = 1
+    if a.resume:
+        meta = run.restore(paths['rew_resume'], model, optimizer, scheduler)
+        reg.load_state_dict(meta['rew'])
+        start = meta['epoch'] + 1
+    else:
+        source = a.load_path or find_baseline(a)
+        load_into(base, source, a)
+        reg.reweight()
+        log.info(f"reweighted regularisation from {source}: penalty {a.penalty:g}, eps {a.rew_eps:g}")
+    masks = admm.Masks(base, weights_only=True) if a.combine_progressive else None
+    teacher = run.teacher()
+    for epoch in range(start, a.epochs + 1):
+        if epoch in a.rew_milestones and epoch != 1:
+            reg.reweight()
+            log.info(f"epoch {epoch}: group weights recomputed")
+        run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, penalty=reg.loss, masks=masks,
+                  teacher=teacher)
+        if epoch in a.rew_milestones or epoch == a.epochs:
+            for name, row in reg.report().items():
+                log.info(f"  {name:<32} |w|<1e-4: {row['near_zero']:.3f}  small groups: {row['small_groups']:.3f}")
+        atomic_save(run.checkpoint(model, epoch=epoch, rew=reg.state_dict(),
+                                   **run.resume_state(optimizer, scheduler)), paths['rew_resume'])
+    atomic_save(run.checkpoint(model, epoch=a.epochs, top1=run.history['val_top1'][-1], rew=reg.state_dict()),
+                paths['rew'])
+    save_curves(run.history, os.path.join(paths['dir'], f"{paths['name']}_rew_curves"))
+    log.info(f"saved {paths['rew']}; prune and retrain it with --masked-retrain")
+    return paths['rew']
+
+
+def run_export(run):
+    """A checkpoint in compact form (kept groups and their index), and optionally ONNX."""
+    from models.compact import export_onnx, load_compact, save_compact
+    a = run.args
+    setup_logging()
+    out = a.export_out or (a.export[:-3] if a.export.endswith('.pt') else a.export) + '.compact.pt'
+    model = new_model(a, run.classes, torch.device('cpu'))
+    load_into(model, a.export, a)
+    state = model.state_dict()
+    types = list(dict.fromkeys(a.sparsity_type + ['irregular']))
+    compact = save_compact(state, out, types, tuple(a.connectivity_block_size))
+    restored = load_compact(out)
+    assert all(torch.equal(restored[k], v) for k, v in state.items()), "compact round trip differs"
+    log.info(f"{a.export}: {os.path.getsize(a.export) / 2**20:.1f} MiB -> {out}: {os.path.getsize(out) / 2**20:.1f} "
+             f"MiB ({len(compact)} weights stored compactly; models.compact.load_compact reads it back)")
+    if a.onnx:
+        crop, _ = geometry(a)
+        onnx_path = out[:-3] + '.onnx' if out.endswith('.pt') else out + '.onnx'
+        export_onnx(model, onnx_path, (1, 3, a.num_frames, crop, crop))
+        log.info(f"wrote {onnx_path} ({os.path.getsize(onnx_path) / 2**20:.1f} MiB) for clips of "
+                 f"1x3x{a.num_frames}x{crop}x{crop}")
+    return out
 
 
 def log_sparsity(model, rules):
@@ -763,8 +862,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         run = Run(args, device, rank, world)
-        phase = {'baseline': run_baseline, 'admm': run_admm, 'masked_retrain': run_retrain,
-                 'evaluate': run_evaluate}[args.phase]
+        phase = {'baseline': run_baseline, 'admm': run_admm, 'rew': run_rew, 'masked_retrain': run_retrain,
+                 'evaluate': run_evaluate, 'export': run_export}[args.phase]
         return phase(run)
     except (UserError, TrainingDiverged) as exc:
         log.error(f"error: {exc}")

@@ -18,9 +18,14 @@ def get_parser():
     g = p.add_argument_group('Phase (choose one)')
     g.add_argument('--baseline', action='store_true', help='train the dense model that pruning starts from')
     g.add_argument('--admm', action='store_true', help='ADMM pruning training')
+    g.add_argument('--rew', action='store_true',
+                   help='reweighted group regularisation (the RT3D paper\'s algorithm), an alternative to --admm')
     g.add_argument('--masked-retrain', action='store_true', help='hard prune, then retrain with the masks fixed')
     g.add_argument('--evaluate', action='store_true',
                    help='top-1/top-5, sparsity and FLOPs of a checkpoint (--load-path) on the validation set')
+    g.add_argument('--export', metavar='PATH_IN', help='write checkpoint PATH_IN in compact form to --export-out')
+    g.add_argument('--export-out', metavar='PATH_OUT', help='compact file to write (default: PATH_IN with .compact.pt)')
+    g.add_argument('--onnx', action='store_true', help='with --export: also write PATH_OUT with .onnx, for deployment')
 
     g = p.add_argument_group('Model and data')
     g.add_argument('--arch', default='c3d', choices=ARCHS, help='network')
@@ -53,6 +58,13 @@ def get_parser():
     g.add_argument('--rho', type=float, default=0.0001, help='ADMM penalty of the first stage')
     g.add_argument('--rho-num', type=int, default=4, help='ADMM stages; stage i uses rho * 10**i')
     g.add_argument('--admm-epochs', type=int, default=10, help='epochs between Z/U updates')
+    g.add_argument('--penalty', type=float, default=1e-6, help='--rew: weight of the reweighted group penalty')
+    g.add_argument('--rew-milestones', type=int, nargs='+', default=[10, 20, 30, 40, 50, 75, 100, 125],
+                   help='--rew: epochs at which the group weights alpha are recomputed')
+    g.add_argument('--rew-eps', type=float, default=1e-3, help='--rew: alpha = 1 / (||w_g||^2 + eps)')
+    g.add_argument('--retrain-from', choices=['auto', 'admm', 'rew'], default='auto',
+                   help='--masked-retrain without --load-path: the last ADMM stage or the --rew model '
+                        '(auto: whichever was written last)')
     g.add_argument('--admm-penalty', default='seed', choices=['seed', 'textbook'],
                    help="seed: 0.5*rho*||W+U||^2 where Z is 0 (the original); textbook: 0.5*rho*||W-Z+U||^2")
 
@@ -98,12 +110,14 @@ def get_parser():
 def parse_args(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    phases = [f for f in ('baseline', 'admm', 'masked_retrain', 'evaluate') if getattr(args, f)]
+    phases = [f for f in ('baseline', 'admm', 'rew', 'masked_retrain', 'evaluate', 'export') if getattr(args, f)]
     if len(phases) > 1:
         parser.error(' and '.join('--' + f.replace('_', '-') for f in phases) + ' cannot be combined: '
                      'run one phase at a time (--admm first, then --masked-retrain)')
     if not phases:
-        parser.error('choose a phase: --baseline, --admm, --masked-retrain or --evaluate')
+        parser.error('choose a phase: --baseline, --admm, --rew, --masked-retrain, --evaluate or --export')
+    if args.onnx and not args.export:
+        parser.error('--onnx goes with --export PATH_IN')
     args.phase = phases[0]
     if not args.config_file:
         args.config_file = [DEFAULT_PROFILE[args.arch]]

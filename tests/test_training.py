@@ -280,3 +280,64 @@ def test_original_recipe_script_runs_both_phases(trained, data, tmp_path):
     assert (folder / f'{RUN}_0.0001.pt').exists()
     assert glob.glob(str(folder / f'{RUN}_1rhos_distill_epoch-*_top1-*.pt'))
     assert 'distilling from' in (folder / f'{RUN}_retrain.log').read_text()
+
+
+# ----------------------------------------------------------------------------- other methods and export
+
+def baseline_of(trained):
+    return glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
+
+
+def test_reweighted_then_masked_retrain(trained, data, tmp_path):
+    common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--config-file', 'c3d_2.53x_v2',
+              '--max-batches', 2]
+    run('--rew', '--epochs', 2, '--rew-milestones', 2, '--penalty', 1e-4, '--load-path', baseline_of(trained),
+        *common)
+    log = (tmp_path / RUN / f'{RUN}_rew.log').read_text()
+    assert 'group weights recomputed' in log and 'small groups' in log
+    run('--masked-retrain', '--epochs', 1, *common)
+    assert (tmp_path / RUN / f'{RUN}_rew.pt').exists()
+    assert glob.glob(str(tmp_path / RUN / f'{RUN}_rew_retrained_epoch-1_top1-*.pt'))
+
+
+def test_one_shot_pruning_of_the_baseline(trained, data, tmp_path):
+    run('--masked-retrain', '--epochs', 1, '--load-path', baseline_of(trained), '--max-batches', 1,
+        '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
+    final = glob.glob(str(tmp_path / RUN / f'{RUN}_oneshot_epoch-1_top1-*.pt'))
+    assert final
+    state, _ = read_checkpoint(final[0])
+    expected = admm.project(state['conv2.weight'], 0.0, 'blk-kgs')
+    assert torch.equal(state['conv2.weight'], expected) and (state['conv2.weight'] == 0).float().mean() > 0.5
+
+
+def test_two_profiles_at_once_multiply_their_masks(trained, data, tmp_path):
+    run_dir = tmp_path / 'ucf101_c3d_kgr+kgc-r8c4'
+    common = ['--sparsity-type', 'kgr', 'kgc', '--config-file', 'c3d_2.00x_uniform', 'c3d_2.53x_v2',
+              '--rho-num', 1, '--max-batches', 1, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY]
+    run('--admm', '--epochs', 1, '--load-path', baseline_of(trained), *common)
+    run('--masked-retrain', '--epochs', 1, *common)
+    kept = np.load(glob.glob(str(run_dir / '*_1rhos_kept.npz'))[0])
+    assert {'kgr/conv2.weight', 'kgc/conv2.weight'} <= set(kept.files)
+    state, _ = read_checkpoint(glob.glob(str(run_dir / '*_1rhos_epoch-*.pt'))[0])
+    w = state['conv2.weight']
+    both = admm.expand_groups(torch.from_numpy(kept['kgr/conv2.weight']), w.shape, 'kgr') & \
+        admm.expand_groups(torch.from_numpy(kept['kgc/conv2.weight']), w.shape, 'kgc')
+    assert not w[~both].any()
+
+
+def test_export_compact_and_onnx(trained, tmp_path):
+    pytest.importorskip('onnx')
+    final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
+    out = tmp_path / 'model.compact.pt'
+    run('--export', final, '--export-out', out, '--onnx', *GEOMETRY)
+    from models.compact import load_compact
+    restored = load_compact(str(out))
+    state, _ = read_checkpoint(final)
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
+    assert os.path.getsize(out) < os.path.getsize(final)
+    assert (tmp_path / 'model.compact.onnx').stat().st_size > 1e6
+
+
+def test_onnx_without_export_is_refused():
+    out = run('--evaluate', '--onnx', check=False)
+    assert out.returncode == 2 and '--onnx goes with --export' in out.stderr
