@@ -4,10 +4,13 @@
 writes demo_data/ucf101/v_<Class>_gXX_cYY.avi and demo_data/ucfTrainTestlist/{classInd,trainlist01,
 testlist01}.txt, ready for `extract_videos.py -d ucf101 --root demo_data`.
 
-Each video shows one shape on a textured, noisy background. Classes differ only in how the shape
-moves: shape, colour, size and position are drawn from the same distribution for every class
+Presets `motion` and `shapes`: each video shows one shape on a textured, noisy background.
+Classes differ only in how the shape moves: shape, colour, size and position are drawn from the same distribution for every class
 (static parameters of a class are spread like the moving ones over a clip), so one frame does
 not tell the class, and no class is the mirror image of another, so random flips keep labels.
+Preset `camera` (the demo's): the camera pans up or down, zooms in or out, or stays still over a
+textured scene with a few shapes; the whole frame moves, so even a small network at 16x16 pixels
+learns it quickly, and again neither one frame nor a horizontal flip gives the class away.
 """
 
 import argparse
@@ -23,21 +26,25 @@ PRESETS = {
     "motion": ("MoveUp", "MoveDown", "Expand", "Shrink", "Hold"),
     # periodic and rotational dynamics
     "shapes": ("Pulse", "Flicker", "Shake", "Orbit", "Spin"),
+    # camera motion over a textured scene: every pixel carries the class (the demo's set)
+    "camera": ("PanUp", "PanDown", "ZoomIn", "ZoomOut", "Still"),
 }
-SHAPES = {"motion": ("circle", "square", "triangle", "bar"), "shapes": ("square", "triangle", "bar")}
+SHAPES = {"motion": ("circle", "square", "triangle", "bar"), "shapes": ("square", "triangle", "bar"),
+          "camera": ("circle", "square", "triangle", "bar")}
+SCENE_SCALE = 2  # the camera preset films a scene twice the frame's size
 CLIPS_PER_GROUP = 4  # as UCF101: clips of one group share a background and never straddle train/test
 NOISE_STD = 5.0
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A smooth random texture around a random grey-ish colour: H x W x 3 float."""
+def _background(rng: np.random.Generator, height: int, width: int, contrast: float = 18.0, cell: int = 8) -> np.ndarray:
+    """A smooth random texture (blobs about `cell` pixels wide) around a random grey-ish colour: H x W x 3 float."""
     base = rng.uniform(70, 180, size=3)
-    coarse = rng.normal(0, 1, size=(max(2, height // 8), max(2, width // 8), 3))
+    coarse = rng.normal(0, 1, size=(max(2, height // cell), max(2, width // cell), 3))
     layers = [
         np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize((width, height), Image.BICUBIC))
         for c in range(3)
     ]
-    return base + 18.0 * np.stack(layers, axis=-1)
+    return base + contrast * np.stack(layers, axis=-1)
 
 
 def _trajectory(name: str, rng: np.random.Generator, frames: int, height: int, width: int) -> dict:
@@ -103,8 +110,46 @@ def _coverage(shape: str, motion: dict, height: int, width: int) -> np.ndarray:
     return np.clip(distance + 0.5, 0.0, 1.0)
 
 
+def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames: int) -> np.ndarray:
+    """A camera panning up or down, zooming in or out, or still, over `scene` (twice the frame
+    size) with a few shapes painted on it: T x H x W x 3 uint8. One frame shows a textured
+    scene whatever the class; only the motion between frames tells it."""
+    height, width = scene.shape[0] // SCENE_SCALE, scene.shape[1] // SCENE_SCALE
+    scene = scene.copy()
+    for _ in range(int(rng.integers(6, 11))):            # shapes give the scene edges to follow
+        blob = {"cx": np.array([rng.uniform(0.1, 0.9) * scene.shape[1]]),
+                "cy": np.array([rng.uniform(0.1, 0.9) * scene.shape[0]]),
+                "size": np.array([rng.uniform(0.1, 0.2) * min(height, width)]),
+                "angle": np.array([rng.uniform(0, 2 * math.pi)])}
+        alpha = _coverage(SHAPES["camera"][rng.integers(4)], blob, *scene.shape[:2])[0][..., None]
+        colour = np.clip(scene.mean(axis=(0, 1)) + rng.choice([-1, 1], size=3) * rng.uniform(50, 100, 3), 0, 255)
+        scene = scene * (1 - alpha) + colour * alpha
+    image = Image.fromarray(np.clip(scene, 0, 255).round().astype(np.uint8))
+    tau = (np.arange(frames) - (frames - 1) / 2) / frames      # -0.5 .. 0.5 over the clip
+    speed = rng.uniform(0.8, 1.2)
+    cx = scene.shape[1] / 2 + rng.uniform(-0.05, 0.05) * width
+    cy = scene.shape[0] / 2 + rng.uniform(-0.05, 0.05) * height
+    zoom = rng.uniform(0.8, 1.0) * np.ones(frames)          # scene pixels per frame pixel
+    if name in ("PanUp", "PanDown"):    # about 0.7 frame heights over the clip, inside the scene
+        cy = cy + (-1 if name == "PanUp" else 1) * 0.7 * height * speed * tau
+    elif name in ("ZoomIn", "ZoomOut"):
+        zoom = zoom * np.exp((-1 if name == "ZoomIn" else 1) * 0.7 * speed * tau)
+    elif name != "Still":
+        raise ValueError(f"unknown class {name!r}")
+    cy = np.broadcast_to(cy, (frames,))
+    video = np.empty((frames, height, width, 3), np.float64)
+    for t in range(frames):
+        z = zoom[t]    # frame pixel (x, y) shows scene pixel (cx + z (x - w/2), cy + z (y - h/2))
+        data = (z, 0, cx - z * width / 2, 0, z, cy[t] - z * height / 2)
+        video[t] = np.asarray(image.transform((width, height), Image.AFFINE, data, resample=Image.BILINEAR))
+    video += rng.normal(0, NOISE_STD, size=video.shape)
+    return np.clip(video, 0, 255).round().astype(np.uint8)
+
+
 def render_video(preset: str, name: str, rng: np.random.Generator, background: np.ndarray, frames: int) -> np.ndarray:
     """Frames of one video of class `name`: T x H x W x 3 uint8."""
+    if preset == "camera":
+        return render_camera(name, rng, background, frames)
     height, width = background.shape[:2]
     motion = _trajectory(name, rng, frames, height, width)
     shape = SHAPES[preset][rng.integers(len(SHAPES[preset]))]
@@ -153,7 +198,10 @@ def make_dataset(
             group = 1 + k // CLIPS_PER_GROUP + (0 if subset == "train" else train_groups)
             if group not in backgrounds:
                 bg_rng = np.random.default_rng([seed, preset_id, label, group, 0])
-                backgrounds[group] = _background(bg_rng, height, width)
+                if preset == "camera":      # a strongly textured scene: every pixel shows the motion
+                    backgrounds[group] = _background(bg_rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 16)
+                else:
+                    backgrounds[group] = _background(bg_rng, height, width)
             rng = np.random.default_rng([seed, preset_id, label, group, 1 + index])
             file_name = f"v_{name}_g{group:02d}_c{k % CLIPS_PER_GROUP + 1:02d}.avi"
             write_video(video_dir / file_name, render_video(preset, name, rng, backgrounds[group], frames), fps)

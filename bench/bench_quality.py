@@ -1,0 +1,116 @@
+"""Accuracy after pruning: ADMM vs reweighted vs one-shot, each followed by the same masked
+retraining, for several sparsity types, on the synthetic action sets.
+
+    python bench/bench_quality.py --root /tmp/quality [--presets camera motion]
+        [--types blk-kgs blk-vanilla kgr kgc] [--methods admm rew oneshot] [--config-file c3d_3.57x]
+
+For each preset: writes the dataset (dataset/make_synthetic.py, extract_videos.py, create_lmdb.py)
+unless `{root}/{preset}/data` holds one, trains one dense C3D baseline, then for every type and
+method prunes it to the same profile and retrains it with the same recipe. All phases run through
+`opt_main.main`, in this process. Prints one table per preset (best validation top-1, the
+original's model selection) and writes them to `{root}/quality.md`.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+import opt_main  # noqa: E402
+import profile_flops  # noqa: E402
+
+
+def prepare(data, preset, python):
+    if os.path.isfile(os.path.join(data, 'ucf101_frame', 'val.lmdb')):
+        return
+    tools = os.path.join(HERE, 'dataset')
+    for cmd in (['make_synthetic.py', '--out', data, '--preset', preset, '--videos-per-class', '60',
+                 '--test-per-class', '20'],
+                ['extract_videos.py', '-d', 'ucf101', '--root', data, '--short-side', '0'],
+                ['create_lmdb.py', '-d', os.path.join(data, 'ucf101_frame'), '-s', 'train'],
+                ['create_lmdb.py', '-d', os.path.join(data, 'ucf101_frame'), '-s', 'val']):
+        subprocess.run([python, os.path.join(tools, cmd[0]), *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
+
+
+def top1_of(path):
+    return float(path.rsplit('_top1-', 1)[1][:-3])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--root', required=True, help='work folder (datasets, checkpoints, the table)')
+    p.add_argument('--presets', nargs='+', default=['camera', 'motion'])
+    p.add_argument('--types', nargs='+', default=['blk-kgs', 'blk-vanilla', 'kgr', 'kgc'])
+    p.add_argument('--methods', nargs='+', default=['admm', 'rew', 'oneshot'], choices=['admm', 'rew', 'oneshot'])
+    p.add_argument('--config-file', default='c3d_3.57x')
+    p.add_argument('--crop-size', type=int, default=16)
+    p.add_argument('--baseline-epochs', type=int, default=14)
+    p.add_argument('--prune-epochs', type=int, default=3, help='per ADMM stage (2 stages); --rew trains twice as long')
+    p.add_argument('--retrain-epochs', type=int, default=5)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more opt_main.py options for every phase')
+    args = p.parse_args()
+
+    common = ['--arch', 'c3d', '--dataset', 'ucf101', '--num-classes', '5', '--crop-size', str(args.crop_size),
+              '--scale-size', str(args.crop_size + 2), '--batch-size', '16', '--workers', str(args.workers),
+              '--optmzr', 'adam', '--lr', '1e-4', '--seed', '1', '--log-interval', '50', *args.extra]
+    retrain = ['--masked-retrain', '--epochs', str(args.retrain_epochs), '--warmup', '--warmup-epochs', '1',
+               '--warmup-lr', '1e-6', '--lr-scheduler', 'cosine']
+    tables = []
+    for preset in args.presets:
+        start = time.time()
+        folder = os.path.join(args.root, preset)
+        data = os.path.join(folder, 'data')
+        prepare(data, preset, sys.executable)
+        base_root = os.path.join(folder, 'baseline')
+        found = glob.glob(os.path.join(base_root, 'ucf101_c3d_baseline_epoch-*.pt'))
+        baseline = found[0] if found else opt_main.main(
+            ['--baseline', '--epochs', str(args.baseline_epochs), '--lr-scheduler', 'multistep',
+             '--data_location', data, '--ckpt-root', base_root, *common])
+        rows = {}
+        for kind in args.types:
+            for method in args.methods:
+                ckpt = os.path.join(folder, kind, method)
+                shutil.rmtree(ckpt, ignore_errors=True)
+                os.makedirs(ckpt)
+                shutil.copy(baseline, ckpt)               # the start of --admm / --rew
+                prune = ['--config-file', args.config_file, '--sparsity-type', kind, '--rho', '0.001',
+                         '--rho-num', '2', '--data_location', data, '--ckpt-root', ckpt, *common]
+                if method == 'admm':
+                    opt_main.main(['--admm', '--epochs', str(args.prune_epochs), '--admm-epochs', '1', *prune])
+                elif method == 'rew':
+                    opt_main.main(['--rew', '--epochs', str(2 * args.prune_epochs), '--penalty', '1e-4',
+                                   '--rew-milestones', *map(str, range(2, 2 * args.prune_epochs + 1, 2)),
+                                   '--lr-scheduler', 'multistep', *prune])
+                final = opt_main.main([*retrain, *prune, *(['--load-path', baseline] if method == 'oneshot' else [])])
+                report = profile_flops.profile(_loaded(final, args.crop_size), 16, args.crop_size)
+                rows[(kind, method)] = (top1_of(final), report['flops_reduction'])
+        lines = [f"### {preset}: baseline top-1 {top1_of(baseline):.1f} %, C3D 16x{args.crop_size}x{args.crop_size}, "
+                 f"profile {args.config_file} ({time.time() - start:.0f} s)", '',
+                 '| type | FLOPs reduction | ' + ' | '.join(args.methods) + ' |',
+                 '|---|---|' + '---|' * len(args.methods)]
+        for kind in args.types:
+            cells = [f"{rows[(kind, m)][0]:.1f}" for m in args.methods]
+            lines.append(f"| {kind} | {rows[(kind, args.methods[0])][1]:.2f}x | " + ' | '.join(cells) + ' |')
+        tables.append('\n'.join(lines))
+        print('\n' + tables[-1] + '\n', flush=True)
+    with open(os.path.join(args.root, 'quality.md'), 'w') as f:
+        f.write('\n\n'.join(tables) + '\n')
+    with open(os.path.join(args.root, 'quality.json'), 'w') as f:
+        json.dump({'tables': tables}, f)
+
+
+def _loaded(path, crop):
+    from models import build_model, load_weights
+    model = build_model('c3d', 5, crop_size=crop)
+    load_weights(model, path)
+    return model
+
+
+if __name__ == '__main__':
+    main()
