@@ -1,14 +1,15 @@
 """Accuracy after pruning: ADMM vs reweighted vs one-shot, each followed by the same masked
 retraining, for several sparsity types, on the synthetic action sets.
 
-    python bench/bench_quality.py --root /tmp/quality [--presets camera motion]
+    python bench/bench_quality.py --root /tmp/quality [--presets camera handheld]
         [--types blk-kgs blk-vanilla kgr kgc] [--methods admm rew oneshot] [--config-file c3d_3.57x]
 
-For each preset: writes the dataset (dataset/make_synthetic.py, extract_videos.py, create_lmdb.py)
-unless `{root}/{preset}/data` holds one, trains one dense C3D baseline, then for every type and
-method prunes it to the same profile and retrains it with the same recipe. All phases run through
-`opt_main.main`, in this process. Prints one table per preset (best validation top-1, the
-original's model selection) and writes them to `{root}/quality.md`.
+For each preset: writes the dataset (dataset/make_synthetic.py: 160 training and 30 test videos
+per class; extract_videos.py --short-side 24; create_lmdb.py) unless `{root}/{preset}/data` holds
+one, trains one dense C3D baseline, then for every type and method prunes it to the same profile
+and retrains it with the same recipe. All phases run through `opt_main.main`, in this process.
+Prints one table per preset (best validation top-1, the original's model selection) and writes
+them to `{root}/quality.md`.
 """
 import argparse
 import glob
@@ -29,9 +30,9 @@ def prepare(data, preset, python):
     if os.path.isfile(os.path.join(data, 'ucf101_frame', 'val.lmdb')):
         return
     tools = os.path.join(HERE, 'dataset')
-    for cmd in (['make_synthetic.py', '--out', data, '--preset', preset, '--videos-per-class', '60',
-                 '--test-per-class', '20'],
-                ['extract_videos.py', '-d', 'ucf101', '--root', data, '--short-side', '0'],
+    for cmd in (['make_synthetic.py', '--out', data, '--preset', preset, '--videos-per-class', '160',
+                 '--test-per-class', '30'],
+                ['extract_videos.py', '-d', 'ucf101', '--root', data, '--short-side', '24'],
                 ['create_lmdb.py', '-d', os.path.join(data, 'ucf101_frame'), '-s', 'train'],
                 ['create_lmdb.py', '-d', os.path.join(data, 'ucf101_frame'), '-s', 'val']):
         subprocess.run([python, os.path.join(tools, cmd[0]), *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
@@ -44,7 +45,7 @@ def top1_of(path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--root', required=True, help='work folder (datasets, checkpoints, the table)')
-    p.add_argument('--presets', nargs='+', default=['camera', 'motion'])
+    p.add_argument('--presets', nargs='+', default=['camera', 'handheld'])
     p.add_argument('--types', nargs='+', default=['blk-kgs', 'blk-vanilla', 'kgr', 'kgc'])
     p.add_argument('--methods', nargs='+', default=['admm', 'rew', 'oneshot'], choices=['admm', 'rew', 'oneshot'])
     p.add_argument('--config-file', default='c3d_3.57x')
@@ -58,7 +59,8 @@ def main():
 
     common = ['--arch', 'c3d', '--dataset', 'ucf101', '--num-classes', '5', '--crop-size', str(args.crop_size),
               '--scale-size', str(args.crop_size + 2), '--batch-size', '16', '--workers', str(args.workers),
-              '--optmzr', 'adam', '--lr', '1e-4', '--seed', '1', '--log-interval', '50', *args.extra]
+              '--optmzr', 'adam', '--weight-decay', '0', '--lr', '1e-4', '--seed', '1', '--log-interval', '50',
+              *args.extra]
     retrain = ['--masked-retrain', '--epochs', str(args.retrain_epochs), '--warmup', '--warmup-epochs', '1',
                '--warmup-lr', '1e-6', '--lr-scheduler', 'cosine']
     tables = []

@@ -5,12 +5,15 @@ writes demo_data/ucf101/v_<Class>_gXX_cYY.avi and demo_data/ucfTrainTestlist/{cl
 testlist01}.txt, ready for `extract_videos.py -d ucf101 --root demo_data`.
 
 Presets `motion` and `shapes`: each video shows one shape on a textured, noisy background.
-Classes differ only in how the shape moves: shape, colour, size and position are drawn from the same distribution for every class
-(static parameters of a class are spread like the moving ones over a clip), so one frame does
-not tell the class, and no class is the mirror image of another, so random flips keep labels.
+Classes differ only in how the shape moves: shape, colour, size and position are drawn from the
+same distribution for every class (static parameters of a class are spread like the moving ones
+over a clip), so one frame does not tell the class, and no class is the mirror image of another,
+so random flips keep labels.
 Preset `camera` (the demo's): the camera pans up or down, zooms in or out, or stays still over a
 textured scene with a few shapes; the whole frame moves, so even a small network at 16x16 pixels
 learns it quickly, and again neither one frame nor a horizontal flip gives the class away.
+Preset `handheld` films such scenes with other camera motions: sway, tilt, breathe (zoom in and
+out), roll (either way) and jitter.
 """
 
 import argparse
@@ -28,10 +31,13 @@ PRESETS = {
     "shapes": ("Pulse", "Flicker", "Shake", "Orbit", "Spin"),
     # camera motion over a textured scene: every pixel carries the class (the demo's set)
     "camera": ("PanUp", "PanDown", "ZoomIn", "ZoomOut", "Still"),
+    # the same scenes filmed by a restless hand: a second set with other classes
+    "handheld": ("Sway", "Tilt", "Breathe", "Roll", "Jitter"),
 }
 SHAPES = {"motion": ("circle", "square", "triangle", "bar"), "shapes": ("square", "triangle", "bar"),
-          "camera": ("circle", "square", "triangle", "bar")}
-SCENE_SCALE = 2  # the camera preset films a scene twice the frame's size
+          "camera": ("circle", "square", "triangle", "bar"), "handheld": ("circle", "square", "triangle", "bar")}
+CAMERA_PRESETS = ("camera", "handheld")
+SCENE_SCALE = 3  # the camera presets film a scene three times the frame's size: no edge comes into view
 CLIPS_PER_GROUP = 4  # as UCF101: clips of one group share a background and never straddle train/test
 NOISE_STD = 5.0
 
@@ -110,13 +116,49 @@ def _coverage(shape: str, motion: dict, height: int, width: int) -> np.ndarray:
     return np.clip(distance + 0.5, 0.0, 1.0)
 
 
+def _camera_path(name: str, rng: np.random.Generator, frames: int, height: int, width: int) -> dict:
+    """Per-frame camera offset (dx, dy, in frame pixels), zoom (scene pixels per frame pixel) and
+    roll angle for one video of a camera class.
+
+    As for the object presets, every dynamic of both camera presets is drawn for every video; the
+    class animates its own and freezes the others at a random point of their sweep or cycle, so
+    one frame (its offset, zoom or roll) looks alike in every class.
+    """
+    t = np.arange(frames, dtype=np.float64)
+    tau = (t - (frames - 1) / 2) / frames                  # -0.5 .. 0.5 over the clip
+    speed = rng.uniform(0.8, 1.2)
+
+    def sweep(active: bool) -> np.ndarray:
+        return tau if active else np.full(frames, rng.uniform(-0.5, 0.5))
+
+    def wave(active: bool) -> np.ndarray:
+        phase = rng.uniform(0, 2 * math.pi)
+        return np.sin(2 * math.pi * t / rng.uniform(12, 20) + phase) if active else np.full(frames, math.sin(phase))
+
+    sign = rng.choice([-1, 1])
+    dx = rng.uniform(-0.05, 0.05) * width + 0.25 * width * speed * wave(name == "Sway")
+    dy = rng.uniform(-0.05, 0.05) * height + 0.25 * height * speed * wave(name == "Tilt")
+    pan = sweep(name in ("PanUp", "PanDown"))                # about 0.7 frame heights over the clip
+    dy = dy + (-1 if name == "PanUp" else 1) * 0.7 * height * speed * pan
+    zoom = rng.uniform(0.8, 1.0) * np.exp((-1 if name == "ZoomIn" else 1) * 0.7 * speed
+                                          * sweep(name in ("ZoomIn", "ZoomOut")))
+    zoom = zoom * np.exp(0.3 * speed * wave(name == "Breathe"))
+    # Roll turns either way round, so a flip keeps the class.
+    angle = sign * rng.uniform(math.pi / 48, math.pi / 32) * speed * (sweep(name == "Roll") + 0.5) * frames
+    shake = rng.normal(0, 1, (2, frames)) if name == "Jitter" else rng.normal(0, 1, (2, 1))
+    dx, dy = dx + 0.05 * width * shake[0], dy + 0.05 * height * shake[1]   # a shaky hand: a jump every frame
+    if name not in PRESETS["camera"] + PRESETS["handheld"]:
+        raise ValueError(f"unknown class {name!r}")
+    return {"dx": dx, "dy": dy, "zoom": zoom, "angle": angle}
+
+
 def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames: int) -> np.ndarray:
-    """A camera panning up or down, zooming in or out, or still, over `scene` (twice the frame
-    size) with a few shapes painted on it: T x H x W x 3 uint8. One frame shows a textured
-    scene whatever the class; only the motion between frames tells it."""
+    """A camera moving over `scene` (three times the frame size) with a few shapes painted on it, as the
+    class says: T x H x W x 3 uint8. One frame shows a textured scene whatever the class; only
+    the motion between frames tells it."""
     height, width = scene.shape[0] // SCENE_SCALE, scene.shape[1] // SCENE_SCALE
     scene = scene.copy()
-    for _ in range(int(rng.integers(6, 11))):            # shapes give the scene edges to follow
+    for _ in range(int(rng.integers(12, 21))):           # shapes give the scene edges to follow
         blob = {"cx": np.array([rng.uniform(0.1, 0.9) * scene.shape[1]]),
                 "cy": np.array([rng.uniform(0.1, 0.9) * scene.shape[0]]),
                 "size": np.array([rng.uniform(0.1, 0.2) * min(height, width)]),
@@ -125,22 +167,14 @@ def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames
         colour = np.clip(scene.mean(axis=(0, 1)) + rng.choice([-1, 1], size=3) * rng.uniform(50, 100, 3), 0, 255)
         scene = scene * (1 - alpha) + colour * alpha
     image = Image.fromarray(np.clip(scene, 0, 255).round().astype(np.uint8))
-    tau = (np.arange(frames) - (frames - 1) / 2) / frames      # -0.5 .. 0.5 over the clip
-    speed = rng.uniform(0.8, 1.2)
-    cx = scene.shape[1] / 2 + rng.uniform(-0.05, 0.05) * width
-    cy = scene.shape[0] / 2 + rng.uniform(-0.05, 0.05) * height
-    zoom = rng.uniform(0.8, 1.0) * np.ones(frames)          # scene pixels per frame pixel
-    if name in ("PanUp", "PanDown"):    # about 0.7 frame heights over the clip, inside the scene
-        cy = cy + (-1 if name == "PanUp" else 1) * 0.7 * height * speed * tau
-    elif name in ("ZoomIn", "ZoomOut"):
-        zoom = zoom * np.exp((-1 if name == "ZoomIn" else 1) * 0.7 * speed * tau)
-    elif name != "Still":
-        raise ValueError(f"unknown class {name!r}")
-    cy = np.broadcast_to(cy, (frames,))
+    path = _camera_path(name, rng, frames, height, width)
+    cx, cy = scene.shape[1] / 2 + path["dx"], scene.shape[0] / 2 + path["dy"]
     video = np.empty((frames, height, width, 3), np.float64)
     for t in range(frames):
-        z = zoom[t]    # frame pixel (x, y) shows scene pixel (cx + z (x - w/2), cy + z (y - h/2))
-        data = (z, 0, cx - z * width / 2, 0, z, cy[t] - z * height / 2)
+        # frame pixel (x, y) shows scene pixel centre + zoom * rotation * (x - w/2, y - h/2)
+        z, c, s = path["zoom"][t], math.cos(path["angle"][t]), math.sin(path["angle"][t])
+        a, b, d, e = z * c, -z * s, z * s, z * c
+        data = (a, b, cx[t] - a * width / 2 - b * height / 2, d, e, cy[t] - d * width / 2 - e * height / 2)
         video[t] = np.asarray(image.transform((width, height), Image.AFFINE, data, resample=Image.BILINEAR))
     video += rng.normal(0, NOISE_STD, size=video.shape)
     return np.clip(video, 0, 255).round().astype(np.uint8)
@@ -148,7 +182,7 @@ def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames
 
 def render_video(preset: str, name: str, rng: np.random.Generator, background: np.ndarray, frames: int) -> np.ndarray:
     """Frames of one video of class `name`: T x H x W x 3 uint8."""
-    if preset == "camera":
+    if preset in CAMERA_PRESETS:
         return render_camera(name, rng, background, frames)
     height, width = background.shape[:2]
     motion = _trajectory(name, rng, frames, height, width)
@@ -196,13 +230,14 @@ def make_dataset(
             subset = "train" if index < videos_per_class else "test"
             k = index if subset == "train" else index - videos_per_class
             group = 1 + k // CLIPS_PER_GROUP + (0 if subset == "train" else train_groups)
-            if group not in backgrounds:
-                bg_rng = np.random.default_rng([seed, preset_id, label, group, 0])
-                if preset == "camera":      # a strongly textured scene: every pixel shows the motion
-                    backgrounds[group] = _background(bg_rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 16)
-                else:
-                    backgrounds[group] = _background(bg_rng, height, width)
             rng = np.random.default_rng([seed, preset_id, label, group, 1 + index])
+            if preset in CAMERA_PRESETS:
+                # A strongly textured scene of its own per video: a scene shared by a group of one
+                # class would let a network tell the class by the scene instead of the motion.
+                backgrounds[group] = _background(rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 6)
+            elif group not in backgrounds:
+                backgrounds[group] = _background(np.random.default_rng([seed, preset_id, label, group, 0]),
+                                                 height, width)
             file_name = f"v_{name}_g{group:02d}_c{k % CLIPS_PER_GROUP + 1:02d}.avi"
             write_video(video_dir / file_name, render_video(preset, name, rng, backgrounds[group], frames), fps)
             lists[subset].append(f"{name}/{file_name}" + (f" {label + 1}" if subset == "train" else ""))
