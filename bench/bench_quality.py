@@ -92,6 +92,8 @@ def main():
                 final = opt_main.main([*retrain, *prune, *(['--load-path', baseline] if method == 'oneshot' else [])])
                 report = profile_flops.profile(_loaded(final, args.crop_size), 16, args.crop_size)
                 rows[(kind, method)] = (top1_of(final), report['flops_reduction'])
+                print(f"ROW {preset} {kind} {method}: top-1 {rows[(kind, method)][0]:.1f} %, "
+                      f"{report['flops_reduction']:.2f}x fewer FLOPs ({time.time() - start:.0f} s)", flush=True)
         lines = [f"### {preset}: baseline top-1 {top1_of(baseline):.1f} %, C3D 16x{args.crop_size}x{args.crop_size}, "
                  f"profile {args.config_file} ({time.time() - start:.0f} s)", '',
                  '| type | FLOPs reduction | ' + ' | '.join(args.methods) + ' |',

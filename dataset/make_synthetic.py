@@ -37,7 +37,7 @@ PRESETS = {
 SHAPES = {"motion": ("circle", "square", "triangle", "bar"), "shapes": ("square", "triangle", "bar"),
           "camera": ("circle", "square", "triangle", "bar"), "handheld": ("circle", "square", "triangle", "bar")}
 CAMERA_PRESETS = ("camera", "handheld")
-SCENE_SCALE = 3  # the camera presets film a scene three times the frame's size: no edge comes into view
+SCENE_SCALE = 6  # the camera presets film a scene six times the frame's size: no edge comes into view
 CLIPS_PER_GROUP = 4  # as UCF101: clips of one group share a background and never straddle train/test
 NOISE_STD = 5.0
 
@@ -138,9 +138,9 @@ def _camera_path(name: str, rng: np.random.Generator, frames: int, height: int, 
     sign = rng.choice([-1, 1])
     dx = rng.uniform(-0.05, 0.05) * width + 0.25 * width * speed * wave(name == "Sway")
     dy = rng.uniform(-0.05, 0.05) * height + 0.25 * height * speed * wave(name == "Tilt")
-    pan = sweep(name in ("PanUp", "PanDown"))                # about 0.7 frame heights over the clip
-    dy = dy + (-1 if name == "PanUp" else 1) * 0.7 * height * speed * pan
-    zoom = rng.uniform(0.8, 1.0) * np.exp((-1 if name == "ZoomIn" else 1) * 0.7 * speed
+    pan = sweep(name in ("PanUp", "PanDown"))                # about 2 frame heights over the clip
+    dy = dy + (-1 if name == "PanUp" else 1) * 2.0 * height * speed * pan
+    zoom = rng.uniform(0.8, 1.0) * np.exp((-1 if name == "ZoomIn" else 1) * 1.4 * speed
                                           * sweep(name in ("ZoomIn", "ZoomOut")))
     zoom = zoom * np.exp(0.3 * speed * wave(name == "Breathe"))
     # Roll turns either way round, so a flip keeps the class.
@@ -234,7 +234,7 @@ def make_dataset(
             if preset in CAMERA_PRESETS:
                 # A strongly textured scene of its own per video: a scene shared by a group of one
                 # class would let a network tell the class by the scene instead of the motion.
-                backgrounds[group] = _background(rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 6)
+                backgrounds[group] = _background(rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 12)
             elif group not in backgrounds:
                 backgrounds[group] = _background(np.random.default_rng([seed, preset_id, label, group, 0]),
                                                  height, width)
