@@ -153,7 +153,7 @@ def _camera_path(name: str, rng: np.random.Generator, frames: int, height: int, 
 
 
 def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames: int) -> np.ndarray:
-    """A camera moving over `scene` (three times the frame size) with a few shapes painted on it, as the
+    """A camera moving over `scene` (SCENE_SCALE times the frame size) with a few shapes painted on it, as the
     class says: T x H x W x 3 uint8. One frame shows a textured scene whatever the class; only
     the motion between frames tells it."""
     height, width = scene.shape[0] // SCENE_SCALE, scene.shape[1] // SCENE_SCALE
