@@ -20,10 +20,10 @@ export PYTHONUNBUFFERED=1
 for crop in 32 112; do
     "$PYTHON" bench/bench_train_step.py --device cuda --crop-size $crop --batch-size 8 --repeats 20
 done 2>&1 | tee "$OUT/bench_train_step.txt"
-# Quality: every type and method on the demo's set; KGS with every method on the second set.
+# Quality: every type and method on the demo's set and on the second set.
 "$PYTHON" bench/bench_quality.py --root "$ROOT" --presets camera --workers 8 --baseline-epochs 20 "${QARGS[@]}" \
     > "$OUT/quality_camera.log" 2>&1
 grep -E '^ROW|^### |^\|' "$OUT/quality_camera.log"
-"$PYTHON" bench/bench_quality.py --root "$ROOT" --presets handheld --types blk-kgs --workers 8 \
+"$PYTHON" bench/bench_quality.py --root "$ROOT" --presets handheld --workers 8 \
     --baseline-epochs 20 "${QARGS[@]}" > "$OUT/quality_handheld.log" 2>&1
 grep -E '^ROW|^### |^\|' "$OUT/quality_handheld.log"
