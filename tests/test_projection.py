@@ -152,8 +152,18 @@ def test_percentile_matches_numpy():
         assert admm.percentile(values, q).item() == pytest.approx(np.percentile(values.numpy(), q), rel=1e-6)
 
 
+def test_percentile_along_a_dim_matches_numpys_axis():
+    values = torch.rand(7, 9, 5, generator=torch.Generator().manual_seed(1))
+    for q in (0, 12.5, 50, 73.3, 100):
+        for dim in (0, 1, 2):
+            got = admm.percentile(values, q, dim=dim)
+            want = np.percentile(values.numpy(), q, axis=dim, keepdims=True)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('sparsity_type', TYPES)
+@pytest.mark.parametrize('sparsity_type', admm.SPARSITY_TYPES)   # kgr and kgc included
 def test_cuda_agrees_with_cpu(sparsity_type):
     w = random_weight((64, 45, 3, 3, 3), seed=8)
     cpu = admm.project(w, 0.55, sparsity_type)
