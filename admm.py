@@ -144,20 +144,14 @@ def percentile(values, q, dim=None):
 
     With `dim`, one percentile per slice along `dim` (kept as a size-1 dim), as numpy's `axis`.
     """
-    if dim is not None:
-        ordered = values.sort(dim=dim).values.double()
-        n = values.shape[dim]
-        pos = q / 100 * (n - 1)
-        lo = math.floor(pos)
-        below = ordered.narrow(dim, lo, 1)
-        above = ordered.narrow(dim, min(lo + 1, n - 1), 1)
-        return below + (above - below) * (pos - lo)
-    flat = values.flatten()
-    pos = q / 100 * (flat.numel() - 1)
+    if dim is None:
+        return percentile(values.flatten(), q, dim=0).squeeze(0)
+    n = values.shape[dim]
+    pos = q / 100 * (n - 1)
     lo = math.floor(pos)
-    hi = min(lo + 1, flat.numel() - 1)
-    below = torch.kthvalue(flat, lo + 1).values.double()
-    above = torch.kthvalue(flat, hi + 1).values.double() if hi != lo else below
+    hi = min(lo + 1, n - 1)
+    below = torch.kthvalue(values, lo + 1, dim=dim, keepdim=True).values.double()
+    above = torch.kthvalue(values, hi + 1, dim=dim, keepdim=True).values.double() if hi != lo else below
     return below + (above - below) * (pos - lo)
 
 
