@@ -11,6 +11,7 @@ Files follow the original's layout (README, "Runs and files").
 import glob
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -332,9 +333,15 @@ def make_optimizer(args, model):
                            fused=True)
 
 
-def make_scheduler(args, optimizer, iters_per_epoch):
-    """Per-batch schedule: optional linear warmup, then default / multistep / cosine."""
+def batches_per_epoch(loader, max_batches=None):
+    """Batches one epoch trains on: the loader's, or fewer with --max-batches."""
+    return len(loader) if max_batches is None else min(len(loader), max_batches)
+
+
+def make_scheduler(args, optimizer, loader):
+    """Per-batch schedule over `loader`'s epochs: optional linear warmup, then default / multistep / cosine."""
     sched = torch.optim.lr_scheduler
+    iters_per_epoch = batches_per_epoch(loader, args.max_batches)
     warm = args.warmup_epochs * iters_per_epoch if args.warmup else 0
     total = args.epochs * iters_per_epoch
     if args.lr_scheduler == 'cosine':
@@ -381,7 +388,7 @@ def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, sched
     amp = scaler is not None and scaler.is_enabled()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    batches = batches_per_epoch(loader, max_batches)
     # A terminal gets a lively bar; a log file (no terminal) a line every 30 s instead of hundreds.
     bar = tqdm(total=batches, desc=f"epoch {epoch}", leave=False, disable=not is_main(), dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -402,8 +409,11 @@ def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, sched
             loss = teacher.loss(task, logits, clips) if teacher else task
         if penalty is not None:
             loss = loss + penalty()
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}: lower --lr "
+        # One device-to-host copy per batch for the finiteness check and the running figures.
+        loss_value, task_value, hits = torch.stack([loss.detach().float(), task.detach().float(),
+                                                    (logits.argmax(1) == labels).sum().float()]).tolist()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"the loss became {loss_value} at epoch {epoch}, batch {i + 1}: lower --lr "
                                    f"(or --rho); nothing of this epoch was saved")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -420,8 +430,8 @@ def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, sched
         if scheduler is not None:
             scheduler.step()
 
-        total_loss += task.item() * labels.shape[0]
-        correct += (logits.argmax(1) == labels).sum().item()
+        total_loss += task_value * labels.shape[0]
+        correct += int(hits)
         seen += labels.shape[0]
         rate = seen / (time.perf_counter() - start)
         lr = optimizer.param_groups[0]['lr']
@@ -429,8 +439,8 @@ def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, sched
                         clips_s=f"{rate:.1f}", refresh=False)
         bar.update()
         if (i + 1) % log_interval == 0 or i + 1 == batches:
-            log.info(f"epoch {epoch} batch {i + 1}/{batches} loss {task.item():.4f} "
-                     f"total {loss.item():.4f} lr {lr:.3e} {rate:.1f} clips/s", extra={'file_only': True})
+            log.info(f"epoch {epoch} batch {i + 1}/{batches} loss {task_value:.4f} "
+                     f"total {loss_value:.4f} lr {lr:.3e} {rate:.1f} clips/s", extra={'file_only': True})
     bar.close()
     stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -449,9 +459,10 @@ def evaluate(model, loader, device, max_batches=None):
         clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(clips)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        stats += torch.tensor([(top5[:, 0] == labels).sum().item(), (top5 == labels[:, None]).any(1).sum().item(),
-                               F.cross_entropy(logits, labels, reduction='sum').item(), labels.shape[0]],
-                              dtype=torch.float64, device=device)
+        # Summed on the device: no host round trip per batch.
+        stats += torch.stack([(top5[:, 0] == labels).sum().double(), (top5 == labels[:, None]).any(1).sum().double(),
+                              F.cross_entropy(logits, labels, reduction='sum').double(),
+                              torch.tensor(labels.shape[0], dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(stats)
     n = max(stats[3].item(), 1)
@@ -517,11 +528,10 @@ class Run:
                 'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 'scaler': self.scaler.state_dict()}
 
-    def restore(self, path, model, optimizer, scheduler):
-        """Load a resume file written by `checkpoint(..., **resume_state(...))`; return its dict."""
-        if not os.path.isfile(path):
-            raise UserError(f"--resume: nothing to resume, {path} does not exist (run without --resume)")
-        state, meta = read_checkpoint(path)
+    def restore(self, resume, model, optimizer, scheduler):
+        """Load a resume file read by `read_resume` (written by `checkpoint(..., **resume_state(...))`);
+        return its dict."""
+        path, state, meta = resume
         unwrap(model).load_state_dict(state)
         optimizer.load_state_dict(meta['optimizer'])
         scheduler.load_state_dict(meta['scheduler'])
@@ -533,6 +543,13 @@ class Run:
         self.history = {k: list(v) for k, v in meta['history'].items()}
         log.info(f"resumed from {path} after epoch {meta['epoch']}")
         return meta
+
+
+def read_resume(path):
+    """`(path, state dict, other entries)` of the resume file `path`, or a message when there is none."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: nothing to resume, {path} does not exist (run without --resume)")
+    return (path, *read_checkpoint(path))
 
 
 def log_command(args):
@@ -612,10 +629,10 @@ def run_baseline(run):
         load_into(model, a.load_path, a)
     model = wrap(model, a, run.device, run.world)
     optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, min(len(run.train_loader), a.max_batches or 10**9))
+    scheduler = make_scheduler(a, optimizer, run.train_loader)
     start, best = 1, {'top1': -1.0, 'epoch': 0}
     if a.resume:
-        meta = run.restore(stem + '_last.pt', model, optimizer, scheduler)
+        meta = run.restore(read_resume(stem + '_last.pt'), model, optimizer, scheduler)
         start, best = meta['epoch'] + 1, meta['best']
     final, best = train_keeping_best(run, model, optimizer, scheduler, start, best, stem + '.pt', stem + '_last.pt',
                                      teacher=run.teacher())
@@ -629,29 +646,25 @@ def run_admm(run):
     paths, base, rules = open_run(run, 'admm')
     run.loaders()
     rhos = rho_values(a)
-    start_stage, start_epoch, resume_meta = 0, 1, None
+    start_stage, start_epoch, resume = 0, 1, None
     if a.resume:
-        if not os.path.isfile(paths['admm_resume']):
-            raise UserError(f"--resume: nothing to resume, {paths['admm_resume']} does not exist")
-        resume_meta = read_checkpoint(paths['admm_resume'])[1]
-        start_stage, start_epoch = resume_meta['stage'], resume_meta['epoch'] + 1
+        resume = read_resume(paths['admm_resume'])
+        start_stage, start_epoch = resume[2]['stage'], resume[2]['epoch'] + 1
     teacher = run.teacher()
     ratios, types = pruning_args(rules)
     for stage in range(start_stage, len(rhos)):
         rho = rhos[stage]
         source = (a.load_path or find_baseline(a)) if stage == 0 else paths['stage'](rhos[stage - 1])
-        if resume_meta is None:
+        if resume is None:
             load_into(base, source, a)
             log.info(f"stage {stage + 1}/{len(rhos)}: rho {rho:g}, starting from {source}")
         model = wrap(base, a, run.device, run.world)
         optimizer = make_optimizer(a, model)
         scheduler = admm_lr_scheduler(a, optimizer)
         state = admm.ADMM(base, ratios, rho, types, tuple(a.connectivity_block_size), penalty=a.admm_penalty)
-        if resume_meta is not None:
-            run.restore(paths['admm_resume'], model, optimizer, scheduler)
-            state.load_state_dict(resume_meta['admm'])
-            run.history = {k: list(v) for k, v in resume_meta['history'].items()}
-            resume_meta = None
+        if resume is not None:
+            state.load_state_dict(run.restore(resume, model, optimizer, scheduler)['admm'])
+            resume = None
         else:
             state.initialize()
             start_epoch = 1
@@ -724,20 +737,18 @@ def run_retrain(run):
         log.info(f"profile: {', '.join(paths['profiles'])} (the copy the pruning phase saved)")
         a.config_file = paths['profiles']
     rules = load_rules(a, base)
-    if a.resume and not os.path.isfile(paths['retrain_resume']):
-        raise UserError(f"--resume: nothing to resume, {paths['retrain_resume']} does not exist")
+    resume = read_resume(paths['retrain_resume']) if a.resume else None
     if not a.resume and not os.path.isfile(source):
         raise UserError(f"no model to retrain: {source} does not exist. Run the ADMM phase first "
                         f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num) or --rew, "
                         f"or pass --load-path MODEL for one-shot pruning of a trained model")
     run.loaders()
-    iters = min(len(run.train_loader), a.max_batches or 10**9)
     model = wrap(base, a, run.device, run.world)
     optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, iters)
+    scheduler = make_scheduler(a, optimizer, run.train_loader)
     start, best = 1, {'top1': -1.0, 'epoch': 0}
     if a.resume:
-        meta = run.restore(paths['retrain_resume'], model, optimizer, scheduler)
+        meta = run.restore(resume, model, optimizer, scheduler)
         start, best = meta['epoch'] + 1, meta['best']
     else:
         load_into(base, source, a)
@@ -768,15 +779,14 @@ def run_rew(run):
     a = run.args
     paths, base, rules = open_run(run, 'rew')
     run.loaders()
-    iters = min(len(run.train_loader), a.max_batches or 10**9)
     model = wrap(base, a, run.device, run.world)
     optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, iters)
+    scheduler = make_scheduler(a, optimizer, run.train_loader)
     ratios, types = pruning_args(rules)
     reg = admm.Reweighted(base, ratios, a.penalty, types, tuple(a.connectivity_block_size), eps=a.rew_eps)
     start = 1
     if a.resume:
-        meta = run.restore(paths['rew_resume'], model, optimizer, scheduler)
+        meta = run.restore(read_resume(paths['rew_resume']), model, optimizer, scheduler)
         reg.load_state_dict(meta['rew'])
         start = meta['epoch'] + 1
     else:
