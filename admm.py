@@ -55,9 +55,14 @@ def _kgr_rows(gm, ratio):
     return math.ceil(round(gm * ratio, 9))
 
 
-def _check(weight, ratio, sparsity_type, block_size):
+def check_sparsity_type(sparsity_type):
+    """Refuse a name that is not one of SPARSITY_TYPES, listing them."""
     if sparsity_type not in SPARSITY_TYPES:
         raise ValueError(f"unknown sparsity type {sparsity_type!r}; choose one of {', '.join(SPARSITY_TYPES)}")
+
+
+def _check(weight, ratio, sparsity_type, block_size):
+    check_sparsity_type(sparsity_type)
     if weight.dim() < 2 and sparsity_type != 'irregular':
         raise ValueError(f"{sparsity_type} pruning needs a weight with at least 2 dimensions, got shape "
                          f"{tuple(weight.shape)}")
@@ -308,8 +313,7 @@ def profile_pairs(prune_ratios, sparsity_type):
         raise ValueError(f"got {len(profiles)} profiles and {len(types)} sparsity types: give one type per "
                          f"profile (--sparsity-type kgr kgc --config-file A B), or one type for all")
     for kind in types:
-        if kind not in SPARSITY_TYPES:
-            raise ValueError(f"unknown sparsity type {kind!r}; choose one of {', '.join(SPARSITY_TYPES)}")
+        check_sparsity_type(kind)
     return list(zip(profiles, types))
 
 

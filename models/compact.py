@@ -92,8 +92,7 @@ def save_compact(state_dict, path, sparsity_type='blk-kgs', block_size=(8, 4), p
     """
     types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
     for kind in types:
-        if kind not in admm.SPARSITY_TYPES:
-            raise ValueError(f"unknown sparsity type {kind!r}; choose one of {', '.join(admm.SPARSITY_TYPES)}")
+        admm.check_sparsity_type(kind)
     wanted = None if prune_names is None else {strip_module_prefix(n) for n in prune_names}
     if wanted is not None:
         unknown = wanted - {strip_module_prefix(n) for n in state_dict}
