@@ -40,13 +40,12 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9, weight_decay=5e-4)
     state = admm.ADMM(model, ratios, rho=1e-3)
     state.initialize()
-    with torch.no_grad():          # masks with the profile's zeros, as in retraining
-        pruned = {n: admm.project(p, ratios[n], 'blk-kgs') for n, p in admm.prunable_parameters(model, ratios).items()}
-        saved = {n: p.clone() for n, p in admm.prunable_parameters(model, ratios).items()}
-        for n, p in admm.prunable_parameters(model, ratios).items():
-            p.copy_(pruned[n])
+    with torch.no_grad():          # masks with the profile's zeros (Z = project(W)), as in retraining
+        saved = {n: p.clone() for n, p in state.params.items()}
+        for n, p in state.params.items():
+            p.copy_(state.Z[n])
         masks = admm.Masks(model)
-        for n, p in admm.prunable_parameters(model, ratios).items():
+        for n, p in state.params.items():
             p.copy_(saved[n])
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
