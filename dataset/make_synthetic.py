@@ -34,8 +34,8 @@ PRESETS = {
     # the same scenes filmed by a restless hand: a second set with other classes
     "handheld": ("Sway", "Tilt", "Breathe", "Roll", "Jitter"),
 }
-SHAPES = {"motion": ("circle", "square", "triangle", "bar"), "shapes": ("square", "triangle", "bar"),
-          "camera": ("circle", "square", "triangle", "bar"), "handheld": ("circle", "square", "triangle", "bar")}
+ALL_SHAPES = ("circle", "square", "triangle", "bar")
+SHAPES = {"motion": ALL_SHAPES, "shapes": ("square", "triangle", "bar"), "camera": ALL_SHAPES, "handheld": ALL_SHAPES}
 CAMERA_PRESETS = ("camera", "handheld")
 SCENE_SCALE = 6  # the camera presets film a scene six times the frame's size: no edge comes into view
 CLIPS_PER_GROUP = 4  # as UCF101: clips of one group share a background and never straddle train/test
@@ -124,6 +124,8 @@ def _camera_path(name: str, rng: np.random.Generator, frames: int, height: int, 
     class animates its own and freezes the others at a random point of their sweep or cycle, so
     one frame (its offset, zoom or roll) looks alike in every class.
     """
+    if name not in PRESETS["camera"] + PRESETS["handheld"]:
+        raise ValueError(f"unknown class {name!r}")
     t = np.arange(frames, dtype=np.float64)
     tau = (t - (frames - 1) / 2) / frames                  # -0.5 .. 0.5 over the clip
     speed = rng.uniform(0.8, 1.2)
@@ -147,8 +149,6 @@ def _camera_path(name: str, rng: np.random.Generator, frames: int, height: int, 
     angle = sign * rng.uniform(math.pi / 48, math.pi / 32) * speed * (sweep(name == "Roll") + 0.5) * frames
     shake = rng.normal(0, 1, (2, frames)) if name == "Jitter" else rng.normal(0, 1, (2, 1))
     dx, dy = dx + 0.05 * width * shake[0], dy + 0.05 * height * shake[1]   # a shaky hand: a jump every frame
-    if name not in PRESETS["camera"] + PRESETS["handheld"]:
-        raise ValueError(f"unknown class {name!r}")
     return {"dx": dx, "dy": dy, "zoom": zoom, "angle": angle}
 
 
@@ -163,7 +163,7 @@ def render_camera(name: str, rng: np.random.Generator, scene: np.ndarray, frames
                 "cy": np.array([rng.uniform(0.1, 0.9) * scene.shape[0]]),
                 "size": np.array([rng.uniform(0.1, 0.2) * min(height, width)]),
                 "angle": np.array([rng.uniform(0, 2 * math.pi)])}
-        alpha = _coverage(SHAPES["camera"][rng.integers(4)], blob, *scene.shape[:2])[0][..., None]
+        alpha = _coverage(ALL_SHAPES[rng.integers(len(ALL_SHAPES))], blob, *scene.shape[:2])[0][..., None]
         colour = np.clip(scene.mean(axis=(0, 1)) + rng.choice([-1, 1], size=3) * rng.uniform(50, 100, 3), 0, 255)
         scene = scene * (1 - alpha) + colour * alpha
     image = Image.fromarray(np.clip(scene, 0, 255).round().astype(np.uint8))
@@ -234,12 +234,14 @@ def make_dataset(
             if preset in CAMERA_PRESETS:
                 # A strongly textured scene of its own per video: a scene shared by a group of one
                 # class would let a network tell the class by the scene instead of the motion.
-                backgrounds[group] = _background(rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 12)
-            elif group not in backgrounds:
-                backgrounds[group] = _background(np.random.default_rng([seed, preset_id, label, group, 0]),
-                                                 height, width)
+                background = _background(rng, height * SCENE_SCALE, width * SCENE_SCALE, 50.0, 12)
+            else:
+                if group not in backgrounds:
+                    backgrounds[group] = _background(np.random.default_rng([seed, preset_id, label, group, 0]),
+                                                     height, width)
+                background = backgrounds[group]
             file_name = f"v_{name}_g{group:02d}_c{k % CLIPS_PER_GROUP + 1:02d}.avi"
-            write_video(video_dir / file_name, render_video(preset, name, rng, backgrounds[group], frames), fps)
+            write_video(video_dir / file_name, render_video(preset, name, rng, background, frames), fps)
             lists[subset].append(f"{name}/{file_name}" + (f" {label + 1}" if subset == "train" else ""))
     (list_dir / "classInd.txt").write_text("".join(f"{i + 1} {name}\n" for i, name in enumerate(classes)))
     (list_dir / "trainlist01.txt").write_text("".join(line + "\n" for line in lists["train"]))
