@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole method on a dataset made on the spot: runs on any machine (2 CPU cores are enough,
-# no download) in about 13 minutes (12 min 32 s measured).
+# no download) in about 13 minutes (12.5-13.5 minutes measured).
 #   1. writes a small synthetic action dataset as real .avi videos: the camera pans up or down,
 #      zooms in or out, or stays still over a random textured scene (only motion tells the
 #      classes apart, and a horizontal flip changes none of them);
