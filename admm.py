@@ -16,6 +16,7 @@ from models import strip_module_prefix
 # Types cut into gM x gN blocks (`--connectivity-block-size`): the run name gets `-r{gM}c{gN}`.
 BLOCK_TYPES = ('blk-kgs', 'blk-vanilla', 'kgr', 'kgc')
 SPARSITY_TYPES = BLOCK_TYPES + ('filter', 'irregular')
+BALANCED_TYPES = ('kgr', 'kgc')   # every block prunes as many groups; scored by the plain L2 norm
 KGC_CHUNK = 9          # kgc: kernel positions per chunk (3x3x3 kernels give 3 chunks)
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'profiles')
 
@@ -104,13 +105,16 @@ def from_grid_view(view, weight_shape, sparsity_type):
 
 
 def group_scores(weight, sparsity_type, block_size=(8, 4)):
-    """Score of every group, laid out as the group grid (see `keep_groups`):
-    L2 norm / sqrt(max(1, non-zeros in the group))."""
+    """Score of every group, laid out as the group grid (see `keep_groups`): L2 norm /
+    sqrt(max(1, non-zeros in the group)) (the original's rule), and the plain L2 norm for the
+    balanced kgr / kgc (the rule of the follow-up that defined them)."""
     view, dims = grid_view(weight, sparsity_type, block_size)
     view = view.float()
     if not dims:                                           # one weight per group
         return view.abs()
     norms = view.square().sum(dim=dims, keepdim=True).sqrt_()
+    if sparsity_type in BALANCED_TYPES:
+        return norms
     if torch.count_nonzero(weight) == weight.numel():
         # The common case (no zeros but the padding's) skips a full counting pass.
         nonzeros = group_sizes(weight.shape, sparsity_type, block_size, weight.device)
@@ -259,13 +263,28 @@ def resolve_profile_path(name_or_path):
         f"shipped profiles: {', '.join(available_profiles())}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                                f"keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_profile(name_or_path, model):
     """Read a YAML profile and return `{parameter name: prune ratio}` with names as the
     (unwrapped) model has them. Keys may carry DataParallel's `module.` prefix or not."""
     path = resolve_profile_path(name_or_path)
     with open(path) as f:
         try:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=_UniqueKeyLoader)   # a SafeLoader: no Python objects
         except yaml.YAMLError as exc:
             raise ValueError(f"profile {path}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
@@ -369,7 +388,8 @@ class ADMM:
     trains with); `penalty='textbook'` is `0.5 * rho * ||W - Z + U||^2` over every entry.
     """
 
-    def __init__(self, model, prune_ratios, rho, sparsity_type='blk-kgs', block_size=(8, 4), penalty='seed'):
+    def __init__(self, model, prune_ratios, rho, sparsity_type='blk-kgs', block_size=(8, 4), penalty='seed',
+                 update_every=10):
         if penalty not in ('seed', 'textbook'):
             raise ValueError(f"ADMM penalty must be 'seed' or 'textbook', got {penalty!r}")
         self.rules = weight_rules(prune_ratios, sparsity_type)
@@ -377,6 +397,7 @@ class ADMM:
         check_rules(self.params, self.rules, block_size)
         self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
         self.rho, self.sparsity_type, self.block_size, self.penalty = rho, sparsity_type, tuple(block_size), penalty
+        self.update_every = update_every
         self.Z, self.U = {}, {}
         self._masks, self._offsets = [], []
 
@@ -387,6 +408,21 @@ class ADMM:
             self.Z[name] = self._project(name, w)
             self.U[name] = torch.zeros_like(w)
         self._precompute()
+
+    # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
+    start = initialize
+
+    def due(self, epoch):
+        """Whether Z and U are updated at the first batch of `epoch` (1-based): every
+        `update_every` epochs, never at the first."""
+        return epoch != 1 and (epoch - 1) % self.update_every == 0
+
+    def on_epoch(self, epoch):
+        """Update Z and U if `epoch` is due; return whether it was."""
+        if self.due(epoch):
+            self.update()
+            return True
+        return False
 
     @torch.no_grad()
     def update(self):
@@ -449,7 +485,8 @@ class Reweighted:
     listed by several profiles gets every profile's groups). Weights at ratio 0 are left alone.
     """
 
-    def __init__(self, model, prune_ratios, penalty=1e-6, sparsity_type='blk-kgs', block_size=(8, 4), eps=1e-3):
+    def __init__(self, model, prune_ratios, penalty=1e-6, sparsity_type='blk-kgs', block_size=(8, 4), eps=1e-6,
+                 milestones=()):
         if eps <= 0:
             raise ValueError(f"reweighting eps must be positive (it keeps alpha finite at zero groups), got {eps}")
         rules = weight_rules(prune_ratios, sparsity_type)
@@ -459,6 +496,10 @@ class Reweighted:
         self.params = prunable_parameters(model, self.rules)
         self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
         self.penalty, self.sparsity_type, self.block_size, self.eps = penalty, sparsity_type, tuple(block_size), eps
+        # The follow-up divides the penalty by the number of profiles, so two profiles at once
+        # do not regularise twice as hard as one.
+        self.profiles = len(profile_pairs(prune_ratios, sparsity_type))
+        self.milestones = tuple(milestones)
         self.alpha = {}
 
     def _norms(self, w, kind):
@@ -479,14 +520,30 @@ class Reweighted:
                 real = group_sizes(w.shape, kind, self.block_size, w.device) > 0
                 self.alpha[name].append((real / (norms.square() + self.eps)).to(w.dtype))
 
+    # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
+    start = reweight
+
+    def due(self, epoch):
+        """Whether alpha is recomputed at the first batch of `epoch` (1-based): the epoch after a
+        milestone, as the follow-up does."""
+        return epoch > 1 and epoch - 1 in self.milestones
+
+    def on_epoch(self, epoch):
+        """Recompute alpha if `epoch` is due; return whether it was."""
+        if self.due(epoch):
+            self.reweight()
+            return True
+        return False
+
     def loss(self):
-        """The penalty for the current weights (a scalar with a gradient; none flows into alpha)."""
+        """`penalty / profiles * sum_g alpha_g ||w_g||` for the current weights (a scalar with a
+        gradient; none flows into alpha)."""
         if not self.alpha:
             raise RuntimeError("Reweighted.loss() before reweight()")
         total = sum((alpha * self._norms(w, kind)).sum()
                     for name, w in self.params.items()
                     for kind, alpha in zip(self.rules[name], self.alpha[name]))
-        return self.penalty * total
+        return self.penalty / self.profiles * total
 
     def state_dict(self):
         return {'penalty': self.penalty, 'eps': self.eps, 'alpha': {n: list(a) for n, a in self.alpha.items()}}

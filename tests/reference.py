@@ -54,7 +54,8 @@ def _prune(w, groups, ratio):
 
 
 def _balanced_reference(w, ratio, sparsity_type, block_size):
-    """kgr / kgc, one block at a time: each block chooses among its own groups."""
+    """kgr / kgc, one block at a time: each block chooses among its own groups, scored by their
+    plain L2 norm (the follow-up's rule: no division by the non-zero count)."""
     o, i, k = w.shape
     gm, gn = block_size
     out = w.copy()
@@ -65,14 +66,14 @@ def _balanced_reference(w, ratio, sparsity_type, block_size):
             if sparsity_type == 'kgr':
                 # gM rows per block; rows past the last filter are padding with score 0.
                 groups = [[(r, c, p) for c in cols for p in range(k)] for r in rows]
-                scores = [_score(w, g) for g in groups] + [0.0] * (gm - len(groups))
+                scores = [_l2(w, g) for g in groups] + [0.0] * (gm - len(groups))
                 ranked = sorted(range(gm), key=lambda row: (scores[row], row))
                 n_pruned = math.ceil(round(gm * ratio, 9))
                 pruned = [groups[row] for row in ranked[:n_pruned] if row < len(groups)]
             else:
                 chunk = min(9, k)
                 groups = [[(r, c, p) for r in rows for c in cols for p in range(j, k, chunk)] for j in range(chunk)]
-                scores = [_score(w, g) for g in groups]
+                scores = [_l2(w, g) for g in groups]
                 threshold = np.percentile(np.array(scores), 100 * ratio)
                 pruned = [g for g, s in zip(groups, scores) if s <= threshold]
             for g in pruned:
@@ -81,6 +82,6 @@ def _balanced_reference(w, ratio, sparsity_type, block_size):
     return out
 
 
-def _score(w, group):
+def _l2(w, group):
     vals = np.array([w[idx] for idx in group], dtype=np.float64)
-    return np.sqrt(np.sum(vals ** 2)) / np.sqrt(max(1, int(np.count_nonzero(vals))))
+    return np.sqrt(np.sum(vals ** 2))

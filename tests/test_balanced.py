@@ -230,3 +230,39 @@ def test_admm_and_hard_prune_accept_the_balanced_types(sparsity_type):
     assert torch.equal(model.conv2.weight, state.Z['conv2.weight'])
     assert torch.equal(admm.expand_groups(kept['conv2.weight'], (24, 16, 3, 3, 3), sparsity_type),
                        model.conv2.weight != 0)
+
+
+# The follow-up's rule for kgr / kgc: a group's score is its plain L2 norm. Below, the two
+# groups score 2 and 3 by that rule but 2 / sqrt(1) = 2 and 3 / sqrt(4) = 1.5 with the
+# original's normalisation by the non-zero count, so the two rules prune different groups.
+
+def test_kgr_scores_rows_by_their_plain_l2_norm():
+    w = torch.tensor([[2.0, 0, 0, 0], [1.5, 1.5, 1.5, 1.5]]).view(2, 4, 1, 1, 1)
+    out = admm.project(w, 0.5, 'kgr', block_size=(2, 4))
+    assert not out[0].any() and torch.equal(out[1], w[1])              # the row of norm 2 goes
+
+
+def test_kgc_scores_positions_by_their_plain_l2_norm():
+    w = torch.zeros(2, 2, 2, 1, 1)
+    w[0, 0, 0] = 2.0                                                     # position 0: one entry, norm 2
+    w[:, :, 1] = 1.5                                                     # position 1: four entries, norm 3
+    out = admm.project(w, 0.5, 'kgc', block_size=(2, 2))
+    assert not out[:, :, 0].any() and torch.equal(out[:, :, 1], w[:, :, 1])
+
+
+def test_blk_kgs_keeps_the_original_normalisation_on_the_same_weights():
+    w = torch.zeros(2, 2, 2, 1, 1)
+    w[0, 0, 0] = 2.0
+    w[:, :, 1] = 1.5
+    out = admm.project(w, 0.5, 'blk-kgs', block_size=(2, 2))
+    assert torch.equal(out[:, :, 0], w[:, :, 0]) and not out[:, :, 1].any()   # 2 / 1 beats 3 / 2
+
+
+@pytest.mark.parametrize('sparsity_type', BALANCED)
+def test_second_pruning_round_matches_the_reference(sparsity_type):
+    # A model pruned once holds exact zeros (--combine-progressive): there the two rules differ.
+    w = random_weight((45, 12, 3, 3, 3), seed=5)
+    w = w * (torch.rand(w.shape, generator=torch.Generator().manual_seed(6)) > 0.4)
+    for ratio in (0.3, 0.6):
+        expected = project_reference(w.numpy(), ratio, sparsity_type)
+        assert np.array_equal(admm.project(w, ratio, sparsity_type).numpy(), expected), ratio

@@ -57,6 +57,18 @@ def test_yaml_that_is_not_a_mapping(tmp_path, c3d, text):
         admm.load_profile(write(tmp_path, text), c3d)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, c3d):
+    text = 'prune_ratios:\n  conv2.weight: 0.5\n  conv3a.weight: 0.3\n  module.conv2.weight: 0.7\n  conv2.weight: 0.7\n'
+    with pytest.raises(ValueError, match=r'`conv2.weight` is given twice \(lines 2 and 5\)'):
+        admm.load_profile(write(tmp_path, text), c3d)
+
+
+def test_a_second_prune_ratios_section_is_refused(tmp_path, c3d):
+    text = 'prune_ratios:\n  conv2.weight: 0.5\nprune_ratios:\n  conv3a.weight: 0.3\n'
+    with pytest.raises(ValueError, match=r'`prune_ratios` is given twice \(lines 1 and 3\)'):
+        admm.load_profile(write(tmp_path, text), c3d)
+
+
 def test_bias_cannot_be_pruned(tmp_path, c3d):
     with pytest.raises(ValueError, match='conv2.bias'):
         admm.load_profile(write(tmp_path, 'prune_ratios:\n  conv2.bias: 0.5\n'), c3d)

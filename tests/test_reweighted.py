@@ -61,7 +61,7 @@ def test_alpha_is_one_over_squared_group_norm_plus_eps(model, sparsity_type):
 @pytest.mark.parametrize('sparsity_type', admm.SPARSITY_TYPES)
 def test_penalty_and_gradient_match_autograd_of_the_formula(model, sparsity_type):
     ratios = {'conv2.weight': 0.5}
-    rew = admm.Reweighted(model, ratios, penalty=0.3, sparsity_type=sparsity_type)
+    rew = admm.Reweighted(model, ratios, penalty=0.3, sparsity_type=sparsity_type, eps=1e-3)
     rew.reweight()
     w = model.conv2.weight
     loss = rew.loss()
@@ -145,13 +145,40 @@ def test_weights_at_ratio_zero_and_unlisted_weights_are_not_penalised(model):
     assert model.fc.weight.grad is None and model.conv1.weight.grad is None
 
 
-def test_two_profiles_penalise_the_groups_of_both_types(model):
+def test_two_profiles_penalise_the_groups_of_both_types_divided_by_the_profile_count(model):
+    # The follow-up: penalty / (number of profiles) * sum over every profile's groups.
     rew = admm.Reweighted(model, [{'conv2.weight': 0.5}, {'conv2.weight': 0.3}], penalty=1.0,
                           sparsity_type=['kgr', 'kgc'])
     rew.reweight()
     w = model.conv2.weight.detach()
-    expected = formula(w, 'kgr', 1e-3)[0] + formula(w, 'kgc', 1e-3)[0]
+    expected = (formula(w, 'kgr', 1e-6)[0] + formula(w, 'kgc', 1e-6)[0]) / 2
     assert rew.loss().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_default_eps_is_the_follow_ups(model):
+    rew = admm.Reweighted(model, {'conv2.weight': 0.5})
+    rew.reweight()
+    _, expected = formula(model.conv2.weight, 'blk-kgs', 1e-6)
+    real = admm.group_sizes(model.conv2.weight.shape, 'blk-kgs', (8, 4), 'cpu') > 0
+    alpha = rew.alpha['conv2.weight'][0]
+    assert sorted(alpha[real.expand_as(alpha)].tolist()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_alpha_is_recomputed_at_the_first_batch_after_each_milestone(model):
+    # Milestone m: the follow-up recomputes at the first batch of epoch m + 1 (never at epoch 1).
+    rew = admm.Reweighted(model, {'conv2.weight': 0.5}, milestones=(1, 3))
+    assert [e for e in range(1, 7) if rew.due(e)] == [2, 4]
+    rew.start()
+    before = rew.alpha['conv2.weight'][0].clone()
+    with torch.no_grad():
+        model.conv2.weight.mul_(0.5)
+    assert not rew.on_epoch(3) and torch.equal(rew.alpha['conv2.weight'][0], before)
+    assert rew.on_epoch(4) and not torch.equal(rew.alpha['conv2.weight'][0], before)
+
+
+def test_admm_updates_every_update_every_epochs_but_never_at_the_first(model):
+    state = admm.ADMM(model, {'conv2.weight': 0.5}, rho=1e-3, update_every=3)
+    assert [e for e in range(1, 11) if state.due(e)] == [4, 7, 10]
 
 
 def test_state_dict_round_trip_restores_alpha(model, tmp_path):
