@@ -1,4 +1,5 @@
 """Model registry: `build_model(arch, num_classes)` and `load_weights(model, path)`."""
+import os
 import pickle
 
 import torch
@@ -41,28 +42,54 @@ def strip_module_prefix(name):
     return name[len('module.'):] if name.startswith('module.') else name
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (broken, or holding objects we will not unpickle)."""
+
+
+class CheckpointMismatch(CheckpointError):
     """A checkpoint's tensors do not fit the model it is loaded into."""
+
+
+def _numpy_scalar_types():
+    """What a 2020 checkpoint may hold beside its tensors: numpy scalars (e.g. a top-1 as
+    `numpy.float64`) and their dtypes, and nothing else. Pickles of numpy 1.x name the scalar
+    constructor `numpy.core.multiarray.scalar`, those of numpy 2 `numpy._core...`."""
+    import numpy as np
+    scalar = np._core.multiarray.scalar if hasattr(np, '_core') else np.core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')] if hasattr(np, 'dtypes') else []
+    return [scalar, (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'),
+            np.dtype, *dtypes]
 
 
 def read_checkpoint(path):
     """Load a checkpoint file on the CPU without unpickling arbitrary objects.
 
     Returns `(state_dict, meta)`: the weights with `module.` prefixes removed, and the other
-    entries of a dict checkpoint (`epoch`, `top1`, ...), empty for a bare state dict.
+    entries of a dict checkpoint (`epoch`, `top1`, ...), empty for a bare state dict. Raises
+    FileNotFoundError, or CheckpointError naming the file and what to do.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    unreadable = (f"{path} is not a readable PyTorch checkpoint ({size} bytes: empty, cut short by an interrupted "
+                  f"copy or save, or not a checkpoint at all). Copy or download it again, or train it again")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+        with torch.serialization.safe_globals(_numpy_scalar_types()):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise RuntimeError(
-            f"{path}: holds Python objects other than tensors and plain containers, which this tool will "
-            f"not unpickle (weights_only=True). Re-save just its state dict: "
-            f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) on a file you trust.\n"
-            f"Detail: {exc}") from None
+        if 'global' not in str(exc).lower():          # not a refused class: a broken or foreign file
+            raise CheckpointError(unreadable) from None
+        raise CheckpointError(
+            f"{path}: holds Python objects other than tensors, plain containers and numpy scalars, which this "
+            f"tool will not unpickle (weights_only=True). If you trust the file, re-save just its state dict: "
+            f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path).\n"
+            f"Detail: {next(line.strip() for line in str(exc).splitlines() if 'global' in line.lower())}") from None
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CheckpointError(unreadable) from None
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"{path}: expected a state dict or a dict with 'state_dict', got {type(ckpt).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict or a dict with 'state_dict', got {type(ckpt).__name__}")
     if isinstance(ckpt.get('state_dict'), dict):
         meta = {k: v for k, v in ckpt.items() if k != 'state_dict'}
         state = ckpt['state_dict']

@@ -1,8 +1,13 @@
 """Model construction, parameter names, and loading the original's checkpoint forms."""
+import io
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from models import CheckpointMismatch, build_model, load_weights
+from models import CheckpointError, CheckpointMismatch, build_model, load_weights, read_checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -111,3 +116,50 @@ def test_checkpoint_with_pickled_objects_is_refused_with_advice(tmp_path):
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere.pt'):
         load_weights(build_model('c3d', 5, crop_size=32), str(tmp_path / 'nowhere.pt'))
+
+
+def legacy_save(obj, path):
+    """The pre-1.6 (non-zip) format, naming numpy's scalar constructor as numpy 1.x did in 2020."""
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    path.write_bytes(buf.getvalue().replace(b'numpy._core.multiarray\nscalar', b'numpy.core.multiarray\nscalar'))
+
+
+def test_2020_baseline_with_numpy_scalars_in_the_legacy_format_loads(tmp_path, c3d):
+    path = tmp_path / 'ucf101_c3d_transfer_epoch-14_top1-81.571.pt'
+    legacy_save({'state_dict': {'module.' + k: v for k, v in c3d.state_dict().items()},
+                 'epoch': 14, 'top1': np.float64(81.571), 'best': np.float32(0.5)}, path)
+    assert b'numpy.core.multiarray\nscalar' in path.read_bytes()
+    fresh = build_model('c3d', 101)
+    meta = load_weights(fresh, str(path))
+    assert meta['top1'] == pytest.approx(81.571) and isinstance(meta['top1'], np.floating)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in c3d.state_dict().items())
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ('touch PWNED',))
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, legacy, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'evil.pt'
+    obj = {'state_dict': {}, 'top1': np.float64(1.0), 'payload': RunsCode()}
+    legacy_save(obj, path) if legacy else torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=r'(?s)will not unpickle.*system'):
+        read_checkpoint(str(path))
+    assert not (tmp_path / 'PWNED').exists()
+
+
+@pytest.mark.parametrize('content', ['empty', 'truncated', 'truncated-legacy', 'random'])
+def test_broken_checkpoint_files_get_one_clear_message(tmp_path, c3d, content):
+    whole = io.BytesIO()
+    torch.save(c3d.state_dict(), whole, _use_new_zipfile_serialization=content != 'truncated-legacy')
+    data = {'empty': b'', 'random': os.urandom(4096)}.get(content, whole.getvalue()[:len(whole.getvalue()) // 2])
+    path = tmp_path / 'model.pt'
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf'{re.escape(str(path))} is not a readable PyTorch checkpoint '
+                                              rf'\({len(data)} bytes') as info:
+        read_checkpoint(str(path))
+    assert 'weights_only=False' not in str(info.value)
