@@ -34,20 +34,21 @@ def open_database(db_path: Path) -> lmdb.Environment:
     )
 
 
-def stored_keys(env: lmdb.Environment) -> set[str]:
-    """Video ids already in the database; RecordFormatError if it was written by another tool."""
-    with env.begin() as txn:
-        keys = {key.decode() for key in txn.cursor().iternext(values=False) if key not in (fmt.KEYS_KEY, fmt.LEN_KEY)}
-        if txn.get(fmt.KEYS_KEY) is not None:
-            fmt.decode_keys(txn.get(fmt.KEYS_KEY))
-        if keys:  # one record is enough to tell an old database from ours
-            first = min(keys)
-            fmt.decode_record(txn.get(first.encode()), first)
-    return keys
+def check_database(env: lmdb.Environment) -> None:
+    """RecordFormatError if the database was written by another tool (its index or one record tells)."""
+    with env.begin(buffers=True) as txn:
+        if (raw := txn.get(fmt.KEYS_KEY)) is not None:
+            fmt.decode_keys(raw)
+        if (raw := txn.get(fmt.FRAMES_KEY)) is not None:
+            fmt.decode_frame_counts(raw)
+        for key in txn.cursor().iternext(values=False):
+            if bytes(key) not in fmt.INDEX_KEYS:
+                fmt.decode_record(txn.get(key), bytes(key).decode(errors="replace"))
+                break
 
 
-def load_video(frame_dir: Path, record: VideoRecord) -> tuple[bytes, bytes]:
-    """(key, serialised record) of one video, reading its frames 00001.jpg .. N from its folder."""
+def load_video(frame_dir: Path, record: VideoRecord) -> tuple[bytes, bytes, int]:
+    """(key, serialised record, frame count) of one video, reading its frames 00001.jpg .. N from its folder."""
     folder = frame_dir / record.video_id
     frames = []
     for index in range(1, record.num_frames + 1):
@@ -59,21 +60,48 @@ def load_video(frame_dir: Path, record: VideoRecord) -> tuple[bytes, bytes]:
                 f"frame file {path} not found (the list says {record.num_frames} frames); "
                 "re-run extract_videos.py"
             ) from None
-    return record.video_id.encode("ascii"), fmt.encode_record(record.video_id, record.label, frames)
+    value = fmt.encode_record(record.video_id, record.label, frames)
+    return record.video_id.encode("ascii"), value, record.num_frames
 
 
-def commit(env: lmdb.Environment, items: list[tuple[bytes, bytes]], keys: set[str]) -> None:
-    """Write one batch and the updated `__keys__` / `__len__` together, growing the map when full."""
+def database_index(txn: lmdb.Transaction, new: dict[str, int]) -> dict[str, int]:
+    """`{video id: frame count}` of every record in the database as this transaction sees it.
+
+    Read from the database itself, not from this process's view: another create_lmdb.py may
+    have committed records since this one started (write transactions are serialised, so the
+    view inside one is complete). Records older than the `__frames__` entry have their count
+    read from their header.
+    """
+    stored = txn.get(fmt.FRAMES_KEY)
+    known = {**(fmt.decode_frame_counts(stored) if stored is not None else {}), **new}
+    index = {}
+    for raw in txn.cursor().iternext(values=False):
+        key = bytes(raw)
+        if key in fmt.INDEX_KEYS:
+            continue
+        video_id = key.decode("ascii")
+        count = known.get(video_id)
+        index[video_id] = count if count is not None else fmt.decode_record(txn.get(key), video_id).num_frames
+    return index
+
+
+def commit(env: lmdb.Environment, items: list[tuple[bytes, bytes, int]]) -> int:
+    """Write one batch and the index entries (`__keys__`, `__len__`, `__frames__`) in one transaction,
+    growing the map when full; returns the number of videos the database then holds."""
     while True:
         try:
-            with env.begin(write=True) as txn:
-                for key, value in items:
+            with env.begin(write=True, buffers=True) as txn:
+                for key, value, _ in items:
                     txn.put(key, value)
-                txn.put(fmt.KEYS_KEY, fmt.encode_keys(sorted(keys)))
-                txn.put(fmt.LEN_KEY, str(len(keys)).encode())
-            return
+                index = database_index(txn, {key.decode("ascii"): count for key, _, count in items})
+                txn.put(fmt.KEYS_KEY, fmt.encode_keys(list(index)))
+                txn.put(fmt.LEN_KEY, str(len(index)).encode())
+                txn.put(fmt.FRAMES_KEY, fmt.encode_frame_counts(index))
+            return len(index)
         except lmdb.MapFullError:  # the transaction was aborted; retry it in a map twice as large
             env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.MapResizedError:  # another writer grew the map: adopt its size
+            env.set_mapsize(0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,7 +141,7 @@ def main(argv=None) -> int:
 
     env = open_database(db_path)
     try:
-        keys = stored_keys(env)
+        check_database(env)
     except fmt.RecordFormatError as err:
         env.close()
         print(f"error: {fmt.old_database_message(db_path)}\n({err})", file=sys.stderr)
@@ -125,16 +153,14 @@ def main(argv=None) -> int:
             for first in range(0, len(part), BATCH_VIDEOS):
                 batch = part[first:first + BATCH_VIDEOS]
                 items = list(pool.map(lambda record: load_video(frame_dir, record), batch))
-                new_keys = keys | {record.video_id for record in batch}
-                commit(env, items, new_keys)
-                keys = new_keys
+                stored = commit(env, items)
                 progress.update(len(batch))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         env.close()
-    print(f"wrote list lines {start}..{end - 1} of {list_path} into {db_path}, which now holds {len(keys)} videos")
+    print(f"wrote list lines {start}..{end - 1} of {list_path} into {db_path}, which now holds {stored} videos")
     return 0
 
 

@@ -10,6 +10,8 @@ import pyarrow as pa
 FORMAT_TAG = b"rt3d-clip-record/1"
 KEYS_KEY = b"__keys__"
 LEN_KEY = b"__len__"
+FRAMES_KEY = b"__frames__"  # video id -> frame count, so a list can be checked without reading records
+INDEX_KEYS = (KEYS_KEY, LEN_KEY, FRAMES_KEY)
 
 # Every Arrow IPC stream message since Arrow 0.15 starts with this continuation marker; records
 # from the original tool (pyarrow.serialize, Arrow <= 0.17) start with their tensor/buffer counts.
@@ -25,6 +27,7 @@ _RECORD_SCHEMA = pa.schema(
     metadata={b"format": FORMAT_TAG},
 )
 _KEYS_SCHEMA = pa.schema([("key", pa.string())], metadata={b"format": FORMAT_TAG})
+_FRAMES_SCHEMA = pa.schema([("key", pa.string()), ("num_frames", pa.int32())], metadata={b"format": FORMAT_TAG})
 
 
 class RecordFormatError(ValueError):
@@ -93,6 +96,19 @@ def encode_keys(keys: list[str]) -> bytes:
 def decode_keys(buf) -> list[str]:
     """Parse the `__keys__` entry; RecordFormatError if it is not in this tool's format."""
     return _from_ipc(buf, "LMDB entry '__keys__'", _KEYS_SCHEMA).column(0).to_pylist()
+
+
+def encode_frame_counts(counts: dict[str, int]) -> bytes:
+    """Serialise `{video id: frame count}`, stored under `__frames__`."""
+    keys = sorted(counts)
+    arrays = [pa.array(keys, pa.string()), pa.array([counts[k] for k in keys], pa.int32())]
+    return _to_ipc(pa.record_batch(arrays, schema=_FRAMES_SCHEMA))
+
+
+def decode_frame_counts(buf) -> dict[str, int]:
+    """Parse the `__frames__` entry; RecordFormatError if it is not in this tool's format."""
+    batch = _from_ipc(buf, "LMDB entry '__frames__'", _FRAMES_SCHEMA)
+    return dict(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
 
 
 def old_database_message(db_path) -> str:

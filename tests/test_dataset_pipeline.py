@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -28,8 +29,9 @@ from dataset import (
     create_lmdb,
     get_augmentor,
     num_classes_from_list,
+    read_list_file,
 )
-from dataset.record_format import decode_keys, decode_record
+from dataset.record_format import decode_frame_counts, decode_keys, decode_record
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRACT = REPO / "dataset" / "extract_videos.py"
@@ -296,6 +298,9 @@ def test_lmdb_written_in_parts_holds_each_video_once_with_all_keys(extracted, da
     train_ids = sorted(line.split()[0] for line in (database / "train.txt").read_text().splitlines())
     assert decode_keys(items.pop(b"__keys__")) == train_ids
     assert items.pop(b"__len__") == str(len(train_ids)).encode()
+    assert decode_frame_counts(items.pop(b"__frames__")) == {
+        r.video_id: r.num_frames for r in read_list_file(database / "train.txt")
+    }
     assert sorted(key.decode() for key in items) == train_ids
 
 
@@ -319,6 +324,46 @@ def test_rerunning_a_part_overwrites_instead_of_duplicating(extracted, database,
     result = run(CREATE_LMDB, "-d", "ucf101_frame", "-s", "train", "-vr", 0, 3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert read_db(frame_dir / "train.lmdb") == before
+
+
+def test_concurrent_writers_on_one_database_index_every_record(database, tmp_path):
+    frame_dir = tmp_path / "ucf101_frame"
+    shutil.copytree(database, frame_dir, ignore=shutil.ignore_patterns("*.lmdb*"))
+    db_path = frame_dir / "train.lmdb"
+    # Hold the write lock until both writers have read the (empty) database and started their
+    # progress bars: each then commits after the other started, the interleaving in which one
+    # writer's index hid the other's records.
+    env = lmdb.open(str(db_path), subdir=False, map_size=1 << 28)
+    txn = env.begin(write=True)
+    logs = [tmp_path / f"writer{i}.log" for i in range(2)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(CREATE_LMDB), "-d", "ucf101_frame", "-s", "train", "-vr", first, end],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        )
+        for (first, end), log in zip((("0", "4"), ("2", "6")), logs)  # overlapping ranges
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not all("lmdb train" in log.read_text() for log in logs) and time.monotonic() < deadline:
+            assert all(w.poll() is None for w in writers), [log.read_text() for log in logs]
+            time.sleep(0.05)
+    finally:
+        txn.abort()
+    for w in writers:
+        w.wait(timeout=120)
+    env.close()
+    outputs = [log.read_text() for log in logs]
+    assert [w.returncode for w in writers] == [0, 0], outputs
+
+    items = read_db(db_path)
+    train_ids = sorted(line.split()[0] for line in (frame_dir / "train.txt").read_text().splitlines())
+    records = sorted(key.decode() for key in items if not key.startswith(b"__"))
+    assert records == train_ids
+    assert decode_keys(items[b"__keys__"]) == records and items[b"__len__"] == b"6"
+    assert decode_frame_counts(items[b"__frames__"]) == {r.video_id: r.num_frames for r in read_list_file(
+        frame_dir / "train.txt")}
+    assert len(VideoDataSetLMDB(db_path, frame_dir / "train.txt", filter_video=0)) == 6
 
 
 def test_map_grows_when_the_database_outgrows_it(extracted, database, tmp_path, monkeypatch):
