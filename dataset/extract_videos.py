@@ -2,7 +2,8 @@
 
 Run it inside dataset/, as the original README does:  python extract_videos.py -d ucf101
 Writes {root}/{d}_frame/<video id>/00001.jpg ... and {d}_frame/train.txt, val.txt with lines
-`<video id> 1 <frames> <label from 0>`. Re-running skips videos whose frame folder is complete.
+`<video id> 1 <frames> <label from 0>`. Re-running skips videos whose frame folder is complete; a
+video that decodes fewer frames than its container declares is listed in failed.txt and tried again.
 """
 
 import argparse
@@ -169,12 +170,59 @@ def complete_frame_count(folder: Path) -> int:
     return count if (folder / f"{count:05d}.jpg").stat().st_size > 0 else 0
 
 
+def declared_frames(src: Path) -> tuple[int, bool]:
+    """(frame count the container declares, whether it is estimated from duration x frame rate); (0, False) if unknown.
+
+    Read with PyAV (for either backend) from the header only; without PyAV the count is unknown.
+    """
+    try:
+        import av
+    except ImportError:
+        return 0, False
+    try:
+        with av.open(str(src)) as container:
+            if not container.streams.video:
+                return 0, False
+            stream = container.streams.video[0]
+            if stream.frames > 0:  # the header's count (AVI's stream header, MP4's sample table)
+                return stream.frames, False
+            rate = stream.average_rate or stream.guessed_rate
+            if rate and stream.duration and stream.time_base:
+                return round(float(stream.duration * stream.time_base * rate)), True
+            if rate and container.duration:
+                return round(container.duration / av.time_base * float(rate)), True
+    except av.FFmpegError:
+        pass
+    return 0, False
+
+
+def is_short(decoded: int, declared: int, estimated: bool = False) -> bool:
+    """True if fewer frames decoded than the container declares, beyond what containers misstate.
+
+    Headers are often off by a frame or two (and estimates from duration x frame rate by more), so
+    a shortfall counts only above max(2, 1% of the declared count), or max(2, 5%) for an estimate.
+    """
+    return declared > 0 and declared - decoded > max(2, declared // (20 if estimated else 100))
+
+
+def shortfall_message(decoded: int, declared: int, estimated: bool) -> str:
+    what = f"about {declared} frames its duration and frame rate imply" if estimated else \
+        f"{declared} frames its header declares"
+    return (
+        f"decoded only {decoded} of the {what} (a truncated or damaged file?); replace the file and "
+        "re-run, which extracts it again, or pass --allow-short to keep the frames that decode"
+    )
+
+
 def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
     """Extract one video unless already done; returns (video id, frames, error or None, skipped)."""
-    video_id, src, frame_dir, short_side, backend = task
+    video_id, src, frame_dir, short_side, backend, allow_short = task
     final = Path(frame_dir) / video_id
     count = complete_frame_count(final)
-    if count:
+    declared = (0, False)
+    if count and not allow_short:
+        declared = declared_frames(Path(src))
+    if count and not is_short(count, *declared):
         return video_id, count, None, True
 
     partial = Path(frame_dir) / PARTIAL_DIR / video_id
@@ -185,8 +233,14 @@ def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
         count = decode(Path(src), partial, short_side)
         if count == 0:
             raise ValueError("no frames could be decoded")
+        if not allow_short:
+            declared = declared_frames(Path(src))
+            if is_short(count, *declared):
+                # Not renamed into place, so not complete: the next run tries again.
+                raise ValueError(shortfall_message(count, *declared))
     except Exception as err:  # noqa: BLE001  any decoder failure is this video's failure, not the run's
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # e.g. a short folder an older version took for complete
         return video_id, 0, f"{type(err).__name__}: {err}".strip(), False
     if final.exists():  # an incomplete folder from an interrupted older run
         shutil.rmtree(final)
@@ -231,6 +285,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--backend", choices=["pyav", "ffmpeg"], default="pyav",
         help="pyav decodes in-process (default); ffmpeg runs the ffmpeg program, which must be on PATH",
     )
+    parser.add_argument(
+        "--allow-short", action="store_true",
+        help="keep videos that decode fewer frames than their container declares (by default such a video is "
+        "listed in failed.txt, left out and extracted again on the next run)",
+    )
     return parser.parse_args(argv)
 
 
@@ -265,7 +324,7 @@ def main(argv=None) -> int:
     missing = [v for v in videos.values() if v.path is None]
     failures = {v.video_id: f"video file not found under {root / args.dataset}" for v in missing}
     tasks = [
-        (v.video_id, str(v.path), str(frame_dir), args.short_side, args.backend)
+        (v.video_id, str(v.path), str(frame_dir), args.short_side, args.backend, args.allow_short)
         for v in videos.values() if v.path is not None
     ]
     frames, skipped = {}, 0
@@ -293,7 +352,10 @@ def main(argv=None) -> int:
 
     print(f"{args.dataset}: {len(frames)} videos in {frame_dir} ({skipped} already complete), {len(failures)} failed")
     if failures:
-        print(f"the failed videos are listed in {failed_list} and left out of train.txt / val.txt", file=sys.stderr)
+        print(
+            f"the failed videos are listed in {failed_list} and left out of train.txt / val.txt; "
+            "a re-run tries them again", file=sys.stderr,
+        )
     if not frames:
         print("error: no video could be extracted", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from dataset import (
     VideoDataSet,
     VideoDataSetLMDB,
     create_lmdb,
+    extract_videos,
     get_augmentor,
     num_classes_from_list,
     read_list_file,
@@ -209,6 +210,69 @@ def test_undecodable_videos_are_reported_listed_in_failed_txt_and_left_out(sourc
         assert not (root / "ucf101_frame" / video_id).exists()
     train_ids = [line.split()[0] for line in (root / "ucf101_frame" / "train.txt").read_text().splitlines()]
     assert len(train_ids) == 6 and "v_Bikes_g03_c01" not in train_ids
+
+
+def packet_offset(path: Path, frame: int) -> int:
+    """Byte offset of the packet of the frame-th video frame (0-based): cutting there ends the file mid-stream."""
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    return packets[frame].pos
+
+
+@pytest.mark.parametrize("backend", ["pyav", "ffmpeg"])
+def test_truncated_video_is_listed_with_both_counts_and_extracted_again_next_run(sources, tmp_path, backend):
+    root = copy_sources(sources, tmp_path)
+    video = root / "ucf101" / "v_Bikes_g01_c01.avi"  # 40 frames, and its header says so
+    intact = video.read_bytes()
+    video.write_bytes(intact[:packet_offset(video, 15)])  # a download cut short: 15 frames decode
+    env = ffmpeg_on_path(tmp_path) if backend == "ffmpeg" else None
+
+    result = run(EXTRACT, "-d", "ucf101", "-j", "2", "--backend", backend, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    frame_dir = root / "ucf101_frame"
+    failed = (frame_dir / "failed.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in failed] == ["v_Bikes_g01_c01"]
+    assert "15 of the 40 frames" in failed[0]
+    assert not (frame_dir / "v_Bikes_g01_c01").exists()  # not marked complete
+    assert "v_Bikes_g01_c01" not in (frame_dir / "train.txt").read_text()
+
+    video.write_bytes(intact)  # downloaded again: the next run extracts it
+    result = run(EXTRACT, "-d", "ucf101", "-j", "2", "--backend", backend, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "v_Bikes_g01_c01 1 40 0" in (frame_dir / "train.txt").read_text().splitlines()
+    assert not (frame_dir / "failed.txt").exists()
+
+
+def test_complete_looking_folder_shorter_than_its_video_is_extracted_again(sources, tmp_path):
+    root = copy_sources(sources, tmp_path)
+    assert run(EXTRACT, "-d", "ucf101", "-j", "2", cwd=root).returncode == 0
+    folder = root / "ucf101_frame" / "v_Bikes_g01_c01"
+    for index in range(16, 41):  # what an older run left of a truncated copy: 00001 .. 00015, no gap
+        (folder / f"{index:05d}.jpg").unlink()
+    result = run(EXTRACT, "-d", "ucf101", "-j", "2", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "10 already complete" in result.stdout
+    assert len(os.listdir(folder)) == 40
+
+
+def test_allow_short_keeps_a_truncated_video(sources, tmp_path):
+    root = copy_sources(sources, tmp_path)
+    video = root / "ucf101" / "v_Bikes_g01_c01.avi"
+    video.write_bytes(video.read_bytes()[:packet_offset(video, 15)])
+    result = run(EXTRACT, "-d", "ucf101", "-j", "2", "--allow-short", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "v_Bikes_g01_c01 1 15 0" in (root / "ucf101_frame" / "train.txt").read_text().splitlines()
+    assert not (root / "ucf101_frame" / "failed.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("decoded", "declared", "estimated", "short"),
+    [(40, 40, False, False), (38, 40, False, False), (37, 40, False, True), (15, 40, False, True),
+     (990, 1000, False, False), (989, 1000, False, True), (41, 40, False, False),
+     (950, 1000, True, False), (949, 1000, True, True), (5, 0, False, False)],
+)
+def test_shortfall_rule_allows_what_containers_misstate(decoded, declared, estimated, short):
+    assert extract_videos.is_short(decoded, declared, estimated) == short
 
 
 def test_run_where_nothing_decodes_exits_nonzero(sources, tmp_path):
