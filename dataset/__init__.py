@@ -11,6 +11,7 @@ from .augment import (
     get_augmentor,
 )
 from .clips import VideoDataSet, VideoDataSetLMDB, sample_frame_indices
+from .errors import DatabaseMismatchError, DataError, EmptyDatabaseError, MissingDataError
 from .record_format import RecordFormatError
 from .video_list import (
     ListFileError,
@@ -24,7 +25,11 @@ __all__ = [
     "IMAGENET_STD",
     "ClipEvalTransform",
     "ClipTrainTransform",
+    "DataError",
+    "DatabaseMismatchError",
+    "EmptyDatabaseError",
     "ListFileError",
+    "MissingDataError",
     "RecordFormatError",
     "VideoDataSet",
     "VideoDataSetLMDB",

@@ -9,14 +9,20 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import decode_clip
+from .errors import DatabaseMismatchError, DataError, EmptyDatabaseError, MissingDataError
 from .record_format import (
+    FRAMES_KEY,
+    INDEX_KEYS,
     KEYS_KEY,
     RecordFormatError,
+    decode_frame_counts,
     decode_keys,
     decode_record,
     old_database_message,
 )
 from .video_list import VideoRecord, read_list_file
+
+EXAMPLES = 3  # mismatching videos named in an error message
 
 
 def sample_frame_indices(num_frames: int, num_groups: int, jitter: bool = False) -> np.ndarray:
@@ -36,6 +42,7 @@ class _ClipDataset(Dataset):
     One frame per equal segment of the video: its centre, or a random one with `temporal_jitter`;
     videos of fewer than `filter_video` frames are left out (0 keeps all); `transform` turns the
     clip's JPEG bytes into the tensor (get_augmentor), None gives full-size frames in [0, 1].
+    Inputs that cannot work raise a DataError subclass here, when the dataset is built.
     """
 
     def __init__(
@@ -48,11 +55,18 @@ class _ClipDataset(Dataset):
         self.temporal_jitter = temporal_jitter
         records = read_list_file(self.list_file)
         if not records:
-            raise ValueError(f"list file {self.list_file} has no videos")
+            raise DataError(
+                f"list file {self.list_file} has no videos; extract_videos.py lists the videos it extracted "
+                "(see failed.txt beside it for those it could not)"
+            )
         self.num_classes = max(record.label for record in records) + 1
         self.records = [record for record in records if record.num_frames >= filter_video]
         if not self.records:
-            raise ValueError(f"no video in {self.list_file} has {filter_video} frames or more (filter_video)")
+            longest = max(record.num_frames for record in records)
+            raise DataError(
+                f"no video in {self.list_file} has {filter_video} frames or more (the longest has {longest}); "
+                "extract longer videos, or lower the frame filter (filter_video)"
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -71,6 +85,37 @@ class _ClipDataset(Dataset):
 class VideoDataSet(_ClipDataset):
     """Clips read from frame folders root_path/<video id>/00001.jpg ..., as written by extract_videos.py."""
 
+    def __init__(
+        self, root_path, list_file, num_groups: int = 16, transform=None, is_train: bool = False,
+        filter_video: int = 16, temporal_jitter: bool = False,
+    ):
+        super().__init__(root_path, list_file, num_groups, transform, is_train, filter_video, temporal_jitter)
+        # One stat per video (the last frame the list promises) finds a wrong root or a list from
+        # another extraction now rather than at some batch of some epoch.
+        root = str(self.root_path)
+        missing = [
+            record for record in self.records
+            if not os.path.isfile(os.path.join(root, record.video_id, f"{record.num_frames:05d}.jpg"))
+        ]
+        if not missing:
+            return
+        if len(missing) == len(self.records) and not any(
+            os.path.isdir(os.path.join(root, record.video_id)) for record in missing
+        ):
+            raise MissingDataError(
+                f"none of the {len(missing)} videos of {self.list_file} has a frame folder under {self.root_path} "
+                f"(e.g. {self.root_path / missing[0].video_id}); pass the frame folder that extract_videos.py "
+                "wrote (e.g. ucf101_frame)"
+            )
+        examples = ", ".join(
+            str(self.root_path / record.video_id / f"{record.num_frames:05d}.jpg") for record in missing[:EXAMPLES]
+        )
+        raise MissingDataError(
+            f"{len(missing)} videos of {self.list_file} have fewer frames under {self.root_path} than the list "
+            f"says: {examples} not found. The list and the frame folders come from different runs: "
+            "re-run extract_videos.py, which writes both"
+        )
+
     def read_frames(self, record: VideoRecord, indices: list[int]) -> list[bytes]:
         frames = []
         for index in indices:
@@ -78,8 +123,9 @@ class VideoDataSet(_ClipDataset):
             try:
                 frames.append(path.read_bytes())
             except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"frame file {path} not found ({self.list_file} says {record.num_frames} frames)"
+                raise MissingDataError(
+                    f"frame file {path} not found ({self.list_file} says {record.num_frames} frames); "
+                    "re-run extract_videos.py"
                 ) from None
         return frames
 
@@ -93,18 +139,32 @@ class VideoDataSetLMDB(_ClipDataset):
     ):
         super().__init__(root_path, list_file, num_groups, transform, is_train, filter_video, temporal_jitter)
         if not self.root_path.exists():
-            raise FileNotFoundError(f"LMDB database {self.root_path} not found (create_lmdb.py writes it)")
+            raise MissingDataError(f"LMDB database {self.root_path} not found (create_lmdb.py writes it)")
         self._env, self._env_pid = None, None
-        env = self._open()
         try:
-            stored = self._stored_keys(env)
+            env = self._open()
+        except lmdb.Error as err:
+            raise self._unopenable(err) from None
+        try:
+            stored, frames = self._stored_index(env)
         finally:
             env.close()  # never carried into forked workers; each opens its own
         missing = [record.video_id for record in self.records if record.video_id not in stored]
         if missing:
-            raise LookupError(
-                f"{len(missing)} videos of {self.list_file} are not in {self.root_path}, e.g. {missing[:3]}; "
-                "run create_lmdb.py with a -vr range that covers them"
+            raise DatabaseMismatchError(
+                f"{len(missing)} videos of {self.list_file} are not in {self.root_path}, e.g. "
+                f"{missing[:EXAMPLES]}; run create_lmdb.py with a -vr range that covers them"
+            )
+        wrong = [(record, frames[record.video_id]) for record in self.records
+                 if frames.get(record.video_id, record.num_frames) != record.num_frames]
+        if wrong:
+            examples = ", ".join(
+                f"{record.video_id} (list {record.num_frames}, database {count})" for record, count in wrong[:EXAMPLES]
+            )
+            raise DatabaseMismatchError(
+                f"{len(wrong)} videos of {self.list_file} have other frame counts in {self.root_path}: {examples}. "
+                "The database was made from another extraction: re-create it from the current frames (delete it, "
+                "run create_lmdb.py), or use the list file it was made from"
             )
 
     def _open(self) -> lmdb.Environment:
@@ -113,15 +173,55 @@ class VideoDataSetLMDB(_ClipDataset):
             readahead=False, meminit=False,
         )
 
-    def _stored_keys(self, env: lmdb.Environment) -> set[str]:
-        with env.begin() as txn:
+    def _empty(self) -> EmptyDatabaseError:
+        return EmptyDatabaseError(
+            f"LMDB database {self.root_path} is empty: a create_lmdb.py run was killed before its first "
+            "commit. Re-run it (python create_lmdb.py -d <dataset>_frame -s <train|val>), which fills this database"
+        )
+
+    def _unopenable(self, err: lmdb.Error) -> DataError:
+        data_file = self.root_path / "data.mdb" if self.root_path.is_dir() else self.root_path
+        if not data_file.is_file() or data_file.stat().st_size == 0:
+            return self._empty()
+        return DataError(
+            f"{self.root_path} cannot be read as an LMDB database ({err}); delete it and re-create it with "
+            "create_lmdb.py"
+        )
+
+    def _stored_index(self, env: lmdb.Environment) -> tuple[set[str], dict[str, int]]:
+        """(ids in the database, frame count of each listed video in it), read without reading frames."""
+        with env.begin(buffers=True) as txn:
+            raw = txn.get(KEYS_KEY)
+            if raw is None:
+                self._raise_no_index(txn)
             try:
-                raw = txn.get(KEYS_KEY)
-                if raw is None:
-                    raise RecordFormatError("no '__keys__' entry")
-                return set(decode_keys(raw))
+                stored = set(decode_keys(raw))
+                raw = txn.get(FRAMES_KEY)
+                if raw is not None:
+                    return stored, decode_frame_counts(raw)
+                # A database written before `__frames__`: read each listed record's header only
+                # (zero-copy, so the pages holding frames are never touched).
+                counts = {}
+                for record in self.records:
+                    raw = txn.get(record.video_id.encode("ascii")) if record.video_id in stored else None
+                    if raw is not None:
+                        counts[record.video_id] = decode_record(raw, record.video_id).num_frames
+                return stored, counts
             except RecordFormatError as err:
                 raise RecordFormatError(f"{old_database_message(self.root_path)} ({err})") from None
+
+    def _raise_no_index(self, txn: lmdb.Transaction) -> None:
+        first = next((bytes(key) for key in txn.cursor().iternext(values=False) if bytes(key) not in INDEX_KEYS), None)
+        if first is None:
+            raise self._empty()
+        try:
+            decode_record(txn.get(first), first.decode(errors="replace"))
+        except RecordFormatError as err:  # records in another format: the original tool's
+            raise RecordFormatError(f"{old_database_message(self.root_path)} ({err})") from None
+        raise DataError(
+            f"LMDB database {self.root_path} has records but no '__keys__' index; re-run create_lmdb.py with "
+            "any -vr range, which rebuilds the index from the records"
+        )
 
     def _environment(self) -> lmdb.Environment:
         # Opened on first use in each process: an LMDB handle must not be used across a fork, so a
@@ -147,7 +247,7 @@ class VideoDataSetLMDB(_ClipDataset):
             except RecordFormatError as err:
                 raise RecordFormatError(f"{old_database_message(self.root_path)} ({err})") from None
             if clip.num_frames != record.num_frames:
-                raise ValueError(
+                raise DatabaseMismatchError(
                     f"video {record.video_id!r} has {clip.num_frames} frames in {self.root_path} but "
                     f"{record.num_frames} in {self.list_file}; re-create the database from the current frames"
                 )

@@ -7,6 +7,11 @@ bytes). Arrow IPC is read by any current pyarrow without pickle, unlike the orig
 
 import pyarrow as pa
 
+try:
+    from .errors import DataError
+except ImportError:  # imported as a script's sibling module from dataset/ (create_lmdb.py)
+    from errors import DataError
+
 FORMAT_TAG = b"rt3d-clip-record/1"
 KEYS_KEY = b"__keys__"
 LEN_KEY = b"__len__"
@@ -30,7 +35,7 @@ _KEYS_SCHEMA = pa.schema([("key", pa.string())], metadata={b"format": FORMAT_TAG
 _FRAMES_SCHEMA = pa.schema([("key", pa.string()), ("num_frames", pa.int32())], metadata={b"format": FORMAT_TAG})
 
 
-class RecordFormatError(ValueError):
+class RecordFormatError(DataError):
     """An LMDB value that is not in this tool's format (e.g. written by the original create_lmdb.py)."""
 
 

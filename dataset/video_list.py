@@ -3,6 +3,11 @@
 from pathlib import Path
 from typing import NamedTuple
 
+try:
+    from .errors import DataError, MissingDataError
+except ImportError:  # imported as a script's sibling module from dataset/ (create_lmdb.py)
+    from errors import DataError, MissingDataError
+
 
 class VideoRecord(NamedTuple):
     video_id: str
@@ -10,7 +15,7 @@ class VideoRecord(NamedTuple):
     label: int
 
 
-class ListFileError(ValueError):
+class ListFileError(DataError):
     """A list file line that does not parse."""
 
 
@@ -18,9 +23,18 @@ def read_list_file(path) -> list[VideoRecord]:
     """The videos of a list file, in file order; ListFileError names the file and line of a bad line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"list file {path} not found (extract_videos.py writes it)")
+        raise MissingDataError(f"list file {path} not found (extract_videos.py writes it)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ListFileError(
+            f"{path} is not a text list file ({err}); expected lines `<video id> 1 <frames> <label>` as "
+            "extract_videos.py writes"
+        ) from None
+    except OSError as err:
+        raise DataError(f"cannot read list file {path}: {err.strerror}") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         # Split from the right: HMDB51 video ids may contain spaces.

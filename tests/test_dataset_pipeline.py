@@ -22,7 +22,11 @@ import torch
 from PIL import Image
 
 from dataset import (
+    DatabaseMismatchError,
+    DataError,
+    EmptyDatabaseError,
     ListFileError,
+    MissingDataError,
     RecordFormatError,
     VideoDataSet,
     VideoDataSetLMDB,
@@ -551,3 +555,82 @@ def test_missing_frame_file_names_its_path(database, tmp_path):
     (tmp_path / "val.txt").write_text("v_Bunny_g02_c01 1 30 1\n")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "v_Bunny_g02_c01" / "00001.jpg")):
         VideoDataSet(tmp_path, tmp_path / "val.txt")[0]
+
+
+# --- bad inputs: one DataError naming the file and the fix, raised when the dataset is built ------
+
+
+def test_data_errors_share_one_base_and_keep_their_older_types():
+    assert issubclass(DataError, ValueError)
+    for error in (ListFileError, RecordFormatError, EmptyDatabaseError, DatabaseMismatchError, MissingDataError):
+        assert issubclass(error, DataError)
+    assert issubclass(MissingDataError, FileNotFoundError) and issubclass(DatabaseMismatchError, LookupError)
+
+
+def copy_database(database: Path, tmp_path: Path, subset: str = "train") -> Path:
+    db = tmp_path / f"{subset}.lmdb"
+    shutil.copy(database / f"{subset}.lmdb", db)
+    return db
+
+
+def empty_zero_byte_file(path: Path) -> Path:
+    path.write_bytes(b"")  # killed before lmdb wrote anything
+    return path
+
+
+def empty_never_committed(path: Path) -> Path:
+    lmdb.open(str(path), subdir=False, map_size=1 << 20).close()  # killed before its first commit
+    return path
+
+
+def empty_folder_layout(path: Path) -> Path:
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("make_empty", [empty_zero_byte_file, empty_never_committed, empty_folder_layout])
+def test_empty_database_left_by_a_killed_writer_says_so_instead_of_blaming_the_format(database, tmp_path, make_empty):
+    db = make_empty(tmp_path / "train.lmdb")
+    with pytest.raises(EmptyDatabaseError, match="empty") as caught:
+        VideoDataSetLMDB(db, database / "train.txt")
+    message = str(caught.value)
+    assert str(db) in message and "create_lmdb.py" in message and "pyarrow.serialize" not in message
+
+
+@pytest.mark.parametrize("index", ["__frames__", "record headers"])
+def test_list_frame_counts_that_disagree_with_the_database_fail_when_the_dataset_is_built(database, tmp_path, index):
+    db = copy_database(database, tmp_path)
+    if index == "record headers":  # a database written before __frames__ existed
+        env = lmdb.open(str(db), subdir=False)
+        with env.begin(write=True) as txn:
+            txn.delete(b"__frames__")
+        env.close()
+    lines = (database / "train.txt").read_text().splitlines()
+    lines[0] = lines[0].replace("v_Bikes_g01_c01 1 40", "v_Bikes_g01_c01 1 41")  # re-extracted since
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    expected = r"train.txt .*train.lmdb: v_Bikes_g01_c01 \(list 41, database 40\)"
+    with pytest.raises(DatabaseMismatchError, match=expected):
+        VideoDataSetLMDB(db, tmp_path / "train.txt")
+
+
+def test_missing_list_file_and_database_are_data_errors(database, tmp_path):
+    with pytest.raises(MissingDataError, match="nowhere.txt"):
+        VideoDataSet(database, tmp_path / "nowhere.txt")
+    with pytest.raises(MissingDataError, match="nowhere.lmdb"):
+        VideoDataSetLMDB(tmp_path / "nowhere.lmdb", database / "train.txt")
+
+
+def test_list_with_no_video_long_enough_is_a_data_error(database, tmp_path):
+    (tmp_path / "val.txt").write_text("v_Bikes_g02_c02 1 12 0\n")
+    with pytest.raises(DataError, match=r"val.txt.*16 frames or more"):
+        VideoDataSetLMDB(database / "val.lmdb", tmp_path / "val.txt")
+
+
+def test_frame_folders_that_disagree_with_the_list_fail_when_the_dataset_is_built(database, tmp_path):
+    lines = (database / "train.txt").read_text().splitlines()
+    (tmp_path / "train.txt").write_text(lines[0].replace(" 40 ", " 45 ") + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(MissingDataError, match=r"v_Bikes_g01_c01.00045.jpg.*extract_videos.py"):
+        VideoDataSet(database, tmp_path / "train.txt")
+    with pytest.raises(MissingDataError, match=r"none of the 6 videos .* frame folder under"):
+        VideoDataSet(tmp_path, database / "train.txt")  # not the frame folder

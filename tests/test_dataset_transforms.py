@@ -132,3 +132,10 @@ def test_bad_list_lines_name_file_and_line(tmp_path, line):
 def test_missing_list_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         read_list_file(tmp_path / "nowhere.txt")
+
+
+def test_list_file_that_is_not_text_is_a_list_file_error(tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ListFileError, match="train.txt is not a text list file"):
+        read_list_file(listing)
