@@ -356,6 +356,21 @@ def check_rules(params, rules, block_size):
                 raise ValueError(f"`{name}` at ratio {ratio} ({kind}): {exc}") from None
 
 
+def check_block_size(shapes, prune_ratios, sparsity_type, block_size):
+    """Refuse a block larger than every weight the profiles prune with a block type: its padding
+    would dwarf the weights (`10000 10000` would allocate terabytes). `shapes`: {name: shape}."""
+    gm, gn = block_size
+    blocked = [shapes[name] for profile, kind in profile_pairs(prune_ratios, sparsity_type)
+               if kind in BLOCK_TYPES for name in profile if name in shapes]
+    if not blocked:
+        return
+    most_o, most_i = max(s[0] for s in blocked), max(s[1] for s in blocked)
+    if gm > most_o or gn > most_i:
+        raise ValueError(f"--connectivity-block-size {gm} {gn} is larger than every pruned weight (at most "
+                         f"{most_o} filters x {most_i} input channels): use gM <= {most_o} and gN <= {most_i} "
+                         f"(gM = {most_o} puts all filters of the widest layer in one block)")
+
+
 # ----------------------------------------------------------------------------- ADMM
 
 class _Penalty(torch.autograd.Function):
@@ -411,6 +426,11 @@ class ADMM:
 
     # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
     start = initialize
+    UPDATED = 'Z and U updated'
+
+    def tensors(self):
+        """Everything that must agree between data-parallel processes."""
+        return list(self.Z.values()) + list(self.U.values())
 
     def due(self, epoch):
         """Whether Z and U are updated at the first batch of `epoch` (1-based): every
@@ -522,6 +542,11 @@ class Reweighted:
 
     # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
     start = reweight
+    UPDATED = 'group weights recomputed'
+
+    def tensors(self):
+        """Everything that must agree between data-parallel processes."""
+        return [a for alphas in self.alpha.values() for a in alphas]
 
     def due(self, epoch):
         """Whether alpha is recomputed at the first batch of `epoch` (1-based): the epoch after a

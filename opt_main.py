@@ -6,15 +6,21 @@
     python opt_main.py --evaluate --arch c3d --load-path checkpoint/.../model.pt
     torchrun --nproc_per_node=4 opt_main.py --admm ...          # DistributedDataParallel
 
-Files follow the original's layout (README, "Runs and files").
+Every phase reads the same way: check everything it will need (data, model, profiles,
+checkpoints, resume point), then lock its run directory and train with `fit()`. Files follow the
+original's layout (README, "Runs and files"); `RunFiles` names them all.
 """
+import contextlib
+import dataclasses
 import glob
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import time
 
@@ -22,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import admm
-from models import DEFAULT_GEOMETRY, CheckpointMismatch, build_model, load_weights, read_checkpoint
+from models import DEFAULT_GEOMETRY, CheckpointError, build_model, load_weights, read_checkpoint
 from options import parse_args
 
 log = logging.getLogger('rt3d')
@@ -44,6 +50,7 @@ ORIGINAL_BASELINES = {
     ('hmdb51', 's3d'): 'hmdb51-s3d-ts-max-f16-multisteps-bs32-e20_epoch-17_top1-67.151.pt',
 }
 KNOWN_CLASSES = {'ucf101': 101, 'hmdb51': 51}
+HISTORY_KEYS = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'val_top5', 'lr')
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,9 +63,17 @@ class UserError(RuntimeError):
 
 # ----------------------------------------------------------------------------- processes and devices
 
-def setup_distributed(args):
-    """Read torchrun's environment; return (device, rank, world_size)."""
-    use_cuda = torch.cuda.is_available() and not args.no_cuda
+@dataclasses.dataclass(frozen=True)
+class Env:
+    device: torch.device
+    rank: int
+    world: int
+    local_world: int
+
+
+def setup_distributed(no_cuda):
+    """Read torchrun's environment and start the process group if there is one."""
+    use_cuda = torch.cuda.is_available() and not no_cuda
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     if world > 1:
@@ -66,11 +81,28 @@ def setup_distributed(args):
             torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo')
     device = torch.device(f'cuda:{local_rank}' if use_cuda and world > 1 else 'cuda' if use_cuda else 'cpu')
-    return device, rank, world
+    return Env(device, rank, world, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def on_main_first(action):
+    """Run `action()` on rank 0 only and raise its UserError on every rank, so that no process
+    waits forever for one that stopped."""
+    message = None
+    if is_main():
+        try:
+            action()
+        except UserError as exc:
+            message = str(exc)
+    if dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
 
 
 def check_same_on_all_ranks(tensors, what):
@@ -90,15 +122,17 @@ def unwrap(model):
         else model
 
 
-def seed_epoch(seed, stage, epoch):
+def seed_everything(seed, stage, epoch):
     """Every epoch starts from RNG states fixed by (seed, stage, epoch), so a resumed run repeats
-    exactly what an uninterrupted one would have done."""
+    exactly what an uninterrupted one would have done. The only RNG mechanism: none is saved."""
     s = (seed * 1_000_003 + stage * 10_007 + epoch) % 2**31
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
     return s
 
+
+# ----------------------------------------------------------------------------- logging
 
 def setup_logging(path=None):
     log.handlers.clear()
@@ -117,17 +151,24 @@ def setup_logging(path=None):
     console.setFormatter(logging.Formatter('%(message)s'))
     log.addHandler(console)
     if path:
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S'))
         log.addHandler(handler)
+
+
+def log_command(args):
+    log.info("command: " + " ".join(sys.argv))
+    log.info("options: " + json.dumps({k: v for k, v in vars(args).items() if k not in ('max_batches', 'notes')},
+                                      default=str))
+    for note in args.notes:
+        log.info(note)
 
 
 # ----------------------------------------------------------------------------- files
 
 def atomic_save(obj, path):
     """Write to a temporary file beside `path`, then rename: a kill at any moment leaves the
-    previous file intact."""
+    previous file intact (and a `.tmp{pid}` file that the next run in this folder removes)."""
     if not is_main():
         return
     tmp = f"{path}.tmp{os.getpid()}"
@@ -138,116 +179,293 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def rho_values(args):
-    return [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
+def _start_time(pid):
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
-def run_name(args):
-    types = '+'.join(dict.fromkeys(args.sparsity_type))
-    block = any(t in admm.BLOCK_TYPES for t in args.sparsity_type)
-    gm, gn = args.connectivity_block_size
-    return f"{args.dataset}_{args.arch}_{types}" + (f"-r{gm}c{gn}" if block else "")
+def _alive(pid, host=None, started=None):
+    if host not in (None, socket.gethostname()):
+        return True                          # another machine's process: we cannot tell, so assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or _start_time(pid) in (None, started)
 
 
-def run_paths(args, method='admm'):
-    """Files of a pruning run. `method` names the retrained model: after ADMM it is
-    `{name}_{R}rhos` (the original's name), after --rew `{name}_rew_retrained`, and from any
-    other model (--load-path: one-shot pruning) `{name}_oneshot`."""
-    name = run_name(args)
-    folder = os.path.join(args.ckpt_root, name)
-    stem = {'admm': f"{name}_{args.rho_num}rhos", 'rew': f"{name}_rew_retrained", 'oneshot': f"{name}_oneshot"}
-    retrained = stem[method] + ('_distill' if args.distill else '')
-    profiles = [f"{name}.yaml"] if len(args.config_file) == 1 else \
-        [f"{name}_{i + 1}.yaml" for i in range(len(args.config_file))]
-    return {
-        'dir': folder, 'name': name,
-        'profiles': [os.path.join(folder, f) for f in profiles],
-        'stage': lambda rho: os.path.join(folder, f"{name}_{rho:g}.pt"),
-        'admm_resume': os.path.join(folder, f"{name}_admm_last.pt"),
-        'rew': os.path.join(folder, f"{name}_rew.pt"),
-        'rew_resume': os.path.join(folder, f"{name}_rew_last.pt"),
-        'retrained': os.path.join(folder, retrained + '.pt'),
-        'retrain_resume': os.path.join(folder, retrained + '_last.pt'),
-        'kept': os.path.join(folder, retrained + '_kept.npz'),
-        'curves': os.path.join(folder, retrained + '_curves'),
-        'log': lambda phase: os.path.join(folder, f"{name}_{phase}.log"),
-    }
+def remove_stale_temporaries(folder):
+    """Delete `*.tmp{pid}` files that a save killed half-way left behind (their process is gone)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), '*.tmp*')):
+        found = re.search(r'\.tmp(\d+)$', path)
+        if found and not _alive(int(found.group(1))):
+            size = os.path.getsize(path)
+            os.remove(path)
+            log.info(f"removed {path} ({size / 2**20:.0f} MiB), left by a save that was killed")
 
 
-def open_run(run, phase):
-    """Start a pruning run's directory: a fresh --admm / --rew moves an existing one aside, keeps a
-    copy of the profiles, and opens the phase's log. Returns (paths, model, rules)."""
-    a, paths = run.args, run_paths(run.args)
-    if is_main():
-        if os.path.isdir(paths['dir']) and not a.resume:
-            log.info(f"moved the previous run aside to {move_aside(paths['dir'])}")
-        os.makedirs(paths['dir'], exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    setup_logging(paths['log'](phase))
-    log_command(a)
-    base = new_model(a, run.classes, run.device)
-    rules = load_rules(a, base)
-    if is_main() and not a.resume:
-        for source, copy in zip(a.config_file, paths['profiles']):
-            shutil.copyfile(admm.resolve_profile_path(source), copy)
-    return paths, base, rules
+class RunLock:
+    """A lock file beside a run directory: the pid, host and command of the run writing there.
+    A second run refuses to start; a lock whose process is gone is taken over."""
+    held_locks = []            # released when main() ends, however it ends
+
+    def __init__(self, path):
+        self.path, self.held = path, False
+
+    def acquire(self):
+        me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _start_time(os.getpid()),
+              'since': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': ' '.join(sys.argv)}
+        os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                other = self._read()
+                if other is None:            # being written by a run starting this instant
+                    time.sleep(0.05)
+                    continue
+                if _alive(other.get('pid', -1), other.get('host'), other.get('started')):
+                    raise UserError(
+                        f"another run is writing here: pid {other.get('pid')} on {other.get('host')}, since "
+                        f"{other.get('since')}: {other.get('command')}\n(lock file {self.path}). Wait for it to "
+                        f"finish, or use another --ckpt-root; if that process is gone, delete the lock file")
+                log.info(f"taking over the lock {self.path} of pid {other.get('pid')}, which no longer runs")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+            self.held = True
+            RunLock.held_locks.append(self)
+            return
+        raise UserError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            if time.time() - os.path.getmtime(self.path) > 10:     # unreadable and old: a dead writer's
+                return {'pid': -1}
+            return None
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+            RunLock.held_locks.remove(self)
 
 
-def baseline_glob(args, arch=None):
-    return os.path.join(args.ckpt_root, f"{args.dataset}_{arch or args.arch}_baseline_epoch-*_top1-*.pt")
+class RunFiles:
+    """Every file of a run, by the original's names.
+
+    A pruning run lives in `{ckpt_root}/{dataset}_{arch}_{types}[-r{gM}c{gN}]/`; a baseline is
+    `{ckpt_root}/{dataset}_{arch}_baseline...`. Trained results are renamed
+    `{stem}_epoch-{E}_top1-{acc:.3f}.pt` at the end, never over an existing file.
+    """
+
+    def __init__(self, ckpt_root, name, folder, rho_num=None, distill=False, profiles=1):
+        self.root, self.name, self.dir = ckpt_root, name, folder
+        self.rho_num, self.distill, self.n_profiles = rho_num, distill, profiles
+        self.lock = RunLock(os.path.join(ckpt_root, name + '.lock'))
+
+    @classmethod
+    def baseline(cls, ckpt_root, dataset, arch):
+        return cls(ckpt_root, f"{dataset}_{arch}_baseline", ckpt_root)
+
+    @classmethod
+    def pruning(cls, ckpt_root, dataset, arch, sparsity_types, block_size, rho_num, distill=False):
+        types = '+'.join(dict.fromkeys(sparsity_types))
+        block = any(t in admm.BLOCK_TYPES for t in sparsity_types)
+        name = f"{dataset}_{arch}_{types}" + (f"-r{block_size[0]}c{block_size[1]}" if block else "")
+        return cls(ckpt_root, name, os.path.join(ckpt_root, name), rho_num, distill, len(sparsity_types))
+
+    def path(self, file_name):
+        return os.path.join(self.dir, file_name)
+
+    @property
+    def profiles(self):
+        """Copies of the profiles as the pruning phase read them (retraining uses these)."""
+        if self.n_profiles == 1:
+            return [self.path(f"{self.name}.yaml")]
+        return [self.path(f"{self.name}_{i + 1}.yaml") for i in range(self.n_profiles)]
+
+    def stage(self, rho):
+        return self.path(f"{self.name}_{rho:g}.pt")
+
+    def resume(self, phase):
+        """The resume point of `phase`: baseline, admm, rew (retraining: `result(...)` + `_last.pt`)."""
+        return self.path(f"{self.name}_last.pt" if phase == 'baseline' else f"{self.name}_{phase}_last.pt")
+
+    @property
+    def rew(self):
+        return self.path(f"{self.name}_rew.pt")
+
+    def log(self, phase):
+        return self.path(f"{self.name}.log" if phase == 'baseline' else f"{self.name}_{phase}.log")
+
+    def result(self, method):
+        """Stem of a trained model: the baseline, or the retrained model after `method` (admm:
+        `{run}_{R}rhos`, the original's name; rew: `{run}_rew_retrained`; oneshot: `{run}_oneshot`)."""
+        if method == 'baseline':
+            return self.path(self.name)
+        stem = {'admm': f"{self.name}_{self.rho_num}rhos", 'rew': f"{self.name}_rew_retrained",
+                'oneshot': f"{self.name}_oneshot"}[method]
+        return self.path(stem + ('_distill' if self.distill else ''))
+
+    def final(self, stem, epoch, top1):
+        """`{stem}_epoch-{E}_top1-{acc}.pt`, or `{stem}_v2_epoch-...` (v3, ...) if that exists."""
+        name = f"{stem}_epoch-{epoch}_top1-{top1:.3f}.pt"
+        n = 1
+        while os.path.exists(name):
+            n += 1
+            name = f"{stem}_v{n}_epoch-{epoch}_top1-{top1:.3f}.pt"
+        return name
+
+    def start(self, fresh):
+        """Take the lock, then (fresh pruning run) move an existing directory aside to
+        `_v1`, `_v2`, ..., create the directory and remove what killed saves left."""
+        def action():
+            self.lock.acquire()
+            if fresh and self.dir != self.root and os.path.isdir(self.dir):
+                n = 1
+                while os.path.exists(f"{self.dir}_v{n}"):
+                    n += 1
+                os.rename(self.dir, f"{self.dir}_v{n}")
+                self.moved_to = f"{self.dir}_v{n}"
+            os.makedirs(self.dir, exist_ok=True)
+        self.moved_to = None
+        on_main_first(action)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def tidy(self):
+        if is_main():
+            remove_stale_temporaries(self.dir)
+            if self.moved_to:
+                log.info(f"moved the previous run aside to {self.moved_to}")
 
 
-def find_baseline(args, arch=None):
+def find_baseline(ckpt_root, dataset, arch, data_location):
     """The original's baseline file if present, else the newest baseline this tool trained."""
-    arch = arch or args.arch
-    original = ORIGINAL_BASELINES.get((args.dataset, arch))
-    if original and os.path.isfile(os.path.join(args.ckpt_root, original)):
-        return os.path.join(args.ckpt_root, original)
-    ours = sorted(glob.glob(baseline_glob(args, arch)), key=os.path.getmtime)
+    original = ORIGINAL_BASELINES.get((dataset, arch))
+    if original and os.path.isfile(os.path.join(ckpt_root, original)):
+        return os.path.join(ckpt_root, original)
+    pattern = os.path.join(ckpt_root, f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")
+    ours = sorted(glob.glob(pattern), key=os.path.getmtime)
     if ours:
         return ours[-1]
-    looked = ([os.path.join(args.ckpt_root, original)] if original else []) + [baseline_glob(args, arch)]
+    looked = ([os.path.join(ckpt_root, original)] if original else []) + [pattern]
     raise UserError(
-        f"no baseline checkpoint for {args.dataset} / {arch}: looked for {' and '.join(looked)}.\n"
-        f"Download the original's baseline into {args.ckpt_root}/ (README, 'Baseline models'), pass "
-        f"--load-path PATH, or train one: python opt_main.py --baseline --arch {arch} --dataset {args.dataset} "
-        f"--data_location {args.data_location}")
+        f"no baseline checkpoint for {dataset} / {arch}: looked for {' and '.join(looked)}.\n"
+        f"Download the original's baseline into {ckpt_root}/ (README, 'Baseline models'), pass "
+        f"--load-path PATH, or train one: python opt_main.py --baseline --arch {arch} --dataset {dataset} "
+        f"--data_location {data_location}")
 
 
-def move_aside(folder):
-    """Rename an existing run directory to `folder_v1`, `_v2`, ... instead of overwriting it."""
-    n = 1
-    while os.path.exists(f"{folder}_v{n}"):
-        n += 1
-    os.rename(folder, f"{folder}_v{n}")
-    return f"{folder}_v{n}"
+def read_resume(path, options):
+    """The resume file's contents, after checking it continues the run these options define."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: nothing to resume, {path} does not exist (run without --resume)")
+    try:
+        state, meta = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise UserError(f"--resume: {exc}") from None
+    missing = [k for k in ('epoch', 'optimizer', 'scheduler', 'history', 'options') if k not in meta]
+    if missing:
+        raise UserError(f"--resume: {path} is not a resume point of this tool (it lacks {', '.join(missing)}); "
+                        f"start afresh without --resume")
+    saved = meta['options']
+    differ = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
+    if differ:
+        lines = [f"  {k}: {_shown(options.get(k))} now, {_shown(saved.get(k))} in the run being resumed"
+                 for k in differ]
+        raise UserError(f"--resume: {path} was written by a run with other options:\n" + "\n".join(lines) +
+                        "\nResume with the run's own options, or start afresh without --resume")
+    return dict(meta, state_dict=state, path=path)
+
+
+def _shown(value):
+    text = json.dumps(value)
+    return text if len(text) < 200 else text[:200] + '...'
 
 
 # ----------------------------------------------------------------------------- data
 
-def geometry(args):
-    g = DEFAULT_GEOMETRY[args.arch]
-    crop = args.crop_size or g['crop_size']
-    scale = tuple(args.scale_size) if args.scale_size else g['scale_range']
-    if len(scale) == 1:
-        scale = (scale[0], scale[0])
-    return crop, scale
+def geometry(arch, crop_size=None, scale_size=None):
+    """(crop, (low, high) short-side range of training; validation scales to low)."""
+    g = DEFAULT_GEOMETRY[arch]
+    scale = tuple(scale_size) if scale_size else g['scale_range']
+    return crop_size or g['crop_size'], (scale[0], scale[-1])
 
 
-def clip_dataset(args, split, is_train):
-    """`{data_location}/{dataset}_frame/{split}.lmdb` with `{split}.txt`, else the frame folders."""
+class SeededClips(torch.utils.data.Dataset):
+    """Draws each clip's randomness (frames, scale, crop, flip) from (epoch seed, index) alone:
+    the same clips with any number of workers, workers kept across epochs, or after a resume."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 1_000_003 + index) % 2**63)
+            return self.dataset[index]
+
+
+class SeededSampler(Sampler):
+    """`(index, epoch seed)` pairs in the order of `sampler`, reshuffled by `set_epoch(seed)`."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seed = sampler, 0
+
+    def set_epoch(self, seed):
+        self.seed = seed
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(seed)
+        else:
+            self.sampler.generator.manual_seed(seed)
+
+    def __iter__(self):
+        return ((index, self.seed) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+@dataclasses.dataclass
+class Data:
+    train: DataLoader | None
+    val: DataLoader
+    classes: int
+
+    def set_epoch(self, seed):
+        self.train.sampler.set_epoch(seed)
+
+
+def clip_dataset(root, split, is_train, num_frames, crop, scale, temporal_jitter):
+    """`{root}/{split}.lmdb` with `{split}.txt`, else the frame folders under `root`."""
     from dataset import VideoDataSet, VideoDataSetLMDB, get_augmentor
-    root = os.path.join(args.data_location, f"{args.dataset}_frame")
     list_file = os.path.join(root, f"{split}.txt")
     if not os.path.isfile(list_file):
         raise UserError(f"list file {list_file} not found. Prepare the data first (README, 'Data preparation'): "
                         f"dataset/extract_videos.py writes it, dataset/create_lmdb.py the {split}.lmdb beside it; "
-                        f"or point --data_location at the folder holding {args.dataset}_frame/")
-    crop, scale = geometry(args)
+                        f"or point --data_location at the folder holding {os.path.basename(root)}/")
     transform = get_augmentor(is_train, crop, scale if is_train else (scale[0], scale[0]))
-    kw = dict(num_groups=args.num_frames, transform=transform, is_train=is_train,
-              temporal_jitter=is_train and args.temporal_jitter)
+    kw = dict(num_groups=num_frames, transform=transform, is_train=is_train,
+              temporal_jitter=is_train and temporal_jitter)
     lmdb_path = os.path.join(root, f"{split}.lmdb")
     if os.path.exists(lmdb_path):
         return VideoDataSetLMDB(lmdb_path, list_file, **kw)
@@ -255,113 +473,135 @@ def clip_dataset(args, split, is_train):
     return VideoDataSet(root, list_file, **kw)
 
 
-def num_classes(args):
-    if args.num_classes:
-        return args.num_classes
-    if args.dataset in KNOWN_CLASSES:
-        return KNOWN_CLASSES[args.dataset]
-    from dataset import num_classes_from_list
+def usable_workers(requested, local_world):
+    """At most the CPU cores this process may use: more loader processes than cores only add memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return min(requested, max(1, cores // max(1, local_world)))
+
+
+def make_data(args, env, need_train=True):
+    """Datasets and loaders, checked against the model's class count; UserError for any problem."""
     root = os.path.join(args.data_location, f"{args.dataset}_frame")
-    return max(num_classes_from_list(os.path.join(root, f"{s}.txt")) for s in ('train', 'val'))
-
-
-def make_loaders(args, world, rank, need_train=True):
-    val_set = clip_dataset(args, 'val', is_train=False)
-    if world > 1:   # each rank a disjoint share, no padding: the summed counts are exact
-        val_set = Subset(val_set, range(rank, len(val_set), world))
-    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available() and not args.no_cuda,
-                  persistent_workers=False)
-    val_loader = DataLoader(val_set, batch_size=args.test_batch_size or args.batch_size, shuffle=False, **common)
+    crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
+    splits = ('val', 'train') if need_train else ('val',)
+    try:
+        sets = {s: clip_dataset(root, s, s == 'train', args.num_frames, crop, scale, args.temporal_jitter)
+                for s in splits}
+    except (OSError, LookupError, ValueError) as exc:      # dataset.DataError is a ValueError
+        raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
+    classes = args.num_classes or KNOWN_CLASSES.get(args.dataset) or max(s.num_classes for s in sets.values())
+    for split, data in sets.items():
+        if data.num_classes > classes:
+            raise UserError(f"{data.list_file} has labels up to {data.num_classes - 1}, but the model has {classes} "
+                            f"classes: pass --num-classes {data.num_classes} (or correct the list file)")
+    workers = usable_workers(args.workers, env.local_world)
+    if workers < args.workers:
+        args.notes.append(f"--workers {args.workers}: using {workers}, the CPU cores this process has")
+    common = dict(num_workers=workers, pin_memory=env.device.type == 'cuda', persistent_workers=workers > 0)
+    val_set = sets['val']
+    if env.world > 1:   # each rank a disjoint share, no padding: the summed counts are exact
+        val_set = Subset(val_set, range(env.rank, len(val_set), env.world))
+    val = DataLoader(val_set, batch_size=args.test_batch_size or args.batch_size, shuffle=False, **common)
     if not need_train:
-        return None, val_loader
-    train_set = clip_dataset(args, 'train', is_train=True)
-    generator = torch.Generator()
-    if world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                            generator=generator, **common)
-    else:
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                            generator=generator, **common)
-    if len(loader) == 0:
+        return Data(None, val, classes)
+    train_set = sets['train']
+    order = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=args.seed) \
+        if env.world > 1 else RandomSampler(train_set, generator=torch.Generator())
+    train = DataLoader(SeededClips(train_set), batch_size=args.batch_size, sampler=SeededSampler(order),
+                       drop_last=True, **common)
+    if len(train) == 0:
         raise UserError(f"{len(train_set)} training clips make no full batch of {args.batch_size} per process: "
                         f"lower --batch-size")
-    return loader, val_loader
+    return Data(train, val, classes)
 
 
-def start_epoch_data(loader, seed):
-    """Fix this epoch's shuffle order and worker seeds."""
-    loader.generator.manual_seed(seed)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(seed)
+# ----------------------------------------------------------------------------- models and optimisation
+
+def new_model(arch, classes, num_frames, crop, device, pretrained=False):
+    try:
+        return build_model(arch, classes, num_frames=num_frames, crop_size=crop, pretrained=pretrained).to(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
 
 
-# ----------------------------------------------------------------------------- models
-
-def new_model(args, classes, device, pretrained=False, arch=None):
-    crop, _ = geometry(args)
-    return build_model(arch or args.arch, classes, num_frames=args.num_frames, crop_size=crop,
-                       pretrained=pretrained).to(device)
-
-
-def wrap(model, args, device, world):
-    if world > 1:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
-                                                         else None)
-    if args.multi_gpu and device.type == 'cuda' and torch.cuda.device_count() > 1:
+def wrap(model, env, multi_gpu=False):
+    if env.world > 1:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
+    if multi_gpu and env.device.type == 'cuda' and torch.cuda.device_count() > 1:
         log.info(f"--multi-gpu: DataParallel over {torch.cuda.device_count()} GPUs "
                  f"(torchrun with DistributedDataParallel is faster)")
         return torch.nn.DataParallel(model)
     return model
 
 
-def load_into(model, path, args, arch=None):
+def load_into(model, path, arch):
     try:
-        return load_weights(model, path, arch=arch or args.arch)
-    except CheckpointMismatch as exc:
-        raise UserError(str(exc)) from None
-    except FileNotFoundError as exc:
+        return load_weights(model, path, arch=arch)
+    except (CheckpointError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
 
 
-def make_optimizer(args, model):
-    # The fused kernels update all parameters in one pass (C3D's 46-78 M parameters: 0.2 s less
-    # per step on 2 CPU cores); the same arithmetic as the default implementation.
-    if args.optmzr == 'adam':
-        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           fused=True)
+def make_optimizer(params, name, lr, momentum, weight_decay, scaled=False):
+    """SGD or Adam. The fused kernels update all parameters in one pass (0.2 s less per C3D step
+    on 2 CPU cores); under an fp16 GradScaler the foreach implementation is used, because the
+    fused one let NaNs through after a skipped step on CUDA (the scaler's found-inf path)."""
+    impl = dict(foreach=True) if scaled else dict(fused=True)
+    if name == 'adam':
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **impl)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
 
 
-def batches_per_epoch(loader, max_batches=None):
-    """Batches one epoch trains on: the loader's, or fewer with --max-batches."""
-    return len(loader) if max_batches is None else min(len(loader), max_batches)
+def steps_per_epoch(batches, accum_steps):
+    return math.ceil(batches / accum_steps)
 
 
-def make_scheduler(args, optimizer, loader):
-    """Per-batch schedule over `loader`'s epochs: optional linear warmup, then default / multistep / cosine."""
+def make_scheduler(optimizer, kind, lr, epochs, steps, warmup_epochs=0, warmup_lr=None):
+    """Per-step schedule: optional linear warmup from `warmup_lr`, then the original's default
+    (halve every int(0.2 * epochs) epochs), multistep (halve at 45, 90, 120) or cosine (to 4e-8).
+    A warmup as long as the run or longer simply does not finish, as in the original."""
     sched = torch.optim.lr_scheduler
-    iters_per_epoch = batches_per_epoch(loader, args.max_batches)
-    warm = args.warmup_epochs * iters_per_epoch if args.warmup else 0
-    total = args.epochs * iters_per_epoch
-    if args.lr_scheduler == 'cosine':
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=args.lr * 1e-4)
-    elif args.lr_scheduler == 'multistep':
-        main = sched.MultiStepLR(optimizer, [max(1, e * iters_per_epoch - warm) for e in (45, 90, 120)], gamma=0.5)
+    warm = warmup_epochs * steps
+    total = epochs * steps
+    if kind == 'cosine':
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=4e-8)
+    elif kind == 'multistep':
+        main = sched.MultiStepLR(optimizer, [max(1, e * steps - warm) for e in (45, 90, 120)], gamma=0.5)
     else:
-        main = sched.StepLR(optimizer, step_size=max(1, round(0.2 * args.epochs)) * iters_per_epoch, gamma=0.5)
+        main = sched.StepLR(optimizer, step_size=max(1, int(0.2 * epochs)) * steps, gamma=0.5)
     if not warm:
         return main
-    ramp = sched.LinearLR(optimizer, start_factor=args.warmup_lr / args.lr, end_factor=1.0, total_iters=warm)
+    ramp = sched.LinearLR(optimizer, start_factor=warmup_lr / lr, end_factor=1.0, total_iters=warm)
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warm])
 
 
-def admm_lr_scheduler(args, optimizer):
-    """The original's ADMM rhythm, stepped per epoch: back to --lr at the start of every
-    --admm-epochs window, halved every admm_epochs // 3 epochs within it."""
-    step = max(1, args.admm_epochs // 3)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.5 ** ((k % args.admm_epochs) // step))
+def admm_lr_factor(epoch, admm_epochs):
+    """The original's ADMM rhythm: back to --lr at the start of every --admm-epochs window, halved
+    every admm_epochs / 3 epochs (a float division) within it."""
+    offset = (epoch - 1) % admm_epochs
+    return 1.0 if offset == 0 else 0.5 ** (offset // (admm_epochs / 3))
+
+
+def rew_lr_factor(epoch, milestones):
+    """The follow-up's --rew rhythm: at the start of each epoch e > 1, x1.6 if e - 1 is a
+    milestone, else x0.98."""
+    return math.prod(1.6 if e - 1 in milestones else 0.98 for e in range(2, epoch + 1))
+
+
+def epoch_scheduler(optimizer, factor, steps):
+    """A per-step LambdaLR whose factor depends on the (1-based) epoch only."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step // steps + 1))
+
+
+def amp_dtype(amp, forced, device):
+    """None (float32), or the autocast dtype: bf16 where the device has it, else fp16."""
+    if not amp:
+        return None
+    if forced:
+        return {'bf16': torch.bfloat16, 'fp16': torch.float16}[forced]
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -375,20 +615,52 @@ class Teacher:
     def loss(self, task_loss, logits, clips):
         with torch.no_grad():
             target = self.model(clips)
-        kd = F.kl_div(F.log_softmax(logits / self.t, dim=1), F.softmax(target / self.t, dim=1),
+        kd = F.kl_div(F.log_softmax(logits.float() / self.t, dim=1), F.softmax(target.float() / self.t, dim=1),
                       reduction='batchmean') * self.t ** 2
         return (1 - self.c) * task_loss + self.c * kd
 
 
-def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, scheduler=None, penalty=None,
-                    masks=None, teacher=None, mixup_alpha=0.0, scaler=None, log_interval=10, max_batches=None):
-    """One pass over `loader`; returns (mean task loss, top-1 %). `penalty` is a callable adding the
-    pruning regulariser (ADMM), `masks` keeps pruned weights at zero, `scheduler` steps per batch."""
+@dataclasses.dataclass
+class Recipe:
+    """How to train, read off the command line once."""
+    epochs: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    smooth_eps: float = 0.0
+    mixup_alpha: float = 0.0
+    accum_steps: int = 1
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    seed: int = 2019
+    log_interval: int = 50
+    max_batches: int | None = None
+    multi_gpu: bool = False
+
+
+def batches_per_epoch(loader, max_batches=None):
+    """Batches one epoch trains on: the loader's, or fewer with --max-batches."""
+    return len(loader) if max_batches is None else min(len(loader), max_batches)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoch, recipe, *, scaler=None,
+                    regulariser=None, masks=None, teacher=None):
+    """One pass over `loader`; returns (mean task loss, top-1 %).
+
+    Gradients are accumulated over `recipe.accum_steps` batches (each loss divided by the batches
+    in its group, so a step sees what one big batch would); the regulariser's loss is added to
+    every batch; masks are applied before every step; the scheduler steps with the optimiser.
+    Running figures stay on the device and are read back every `log_interval` batches, where a
+    non-finite loss stops the run naming its batch.
+    """
     model.train()
-    amp = scaler is not None and scaler.is_enabled()
-    total_loss, correct, seen = 0.0, 0, 0
+    batches = batches_per_epoch(loader, recipe.max_batches)
+    accum = recipe.accum_steps
+    amp = recipe.amp_dtype is not None
+    sums = torch.zeros(3, dtype=torch.float64, device=device)          # task loss x clips, correct, clips
+    first_bad = torch.full((), batches, dtype=torch.long, device=device)
     start = time.perf_counter()
-    batches = batches_per_epoch(loader, max_batches)
     # A terminal gets a lively bar; a log file (no terminal) a line every 30 s instead of hundreds.
     bar = tqdm(total=batches, desc=f"epoch {epoch}", leave=False, disable=not is_main(), dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -396,60 +668,65 @@ def train_one_epoch(model, loader, optimizer, criterion, device, epoch, *, sched
         if i >= batches:
             break
         clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if mixup_alpha > 0:
-            lam = float(np.random.beta(mixup_alpha, mixup_alpha))
+        if recipe.channels_last:
+            clips = clips.contiguous(memory_format=torch.channels_last_3d)
+        if recipe.mixup_alpha > 0:
+            lam = float(np.random.beta(recipe.mixup_alpha, recipe.mixup_alpha))
             perm = torch.randperm(clips.shape[0], device=device)
             clips = lam * clips + (1 - lam) * clips[perm]
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(clips)
-            if mixup_alpha > 0:
-                task = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, labels[perm])
+        group_start = i - i % accum
+        in_group = min(accum, batches - group_start)                     # the last group may be shorter
+        last_of_group = i + 1 == group_start + in_group
+        if i == group_start:
+            optimizer.zero_grad(set_to_none=True)
+        sync = contextlib.nullcontext() if last_of_group or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=recipe.amp_dtype, enabled=amp):
+                logits = model(clips)
+                if recipe.mixup_alpha > 0:
+                    task = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, labels[perm])
+                else:
+                    task = criterion(logits, labels)
+                loss = teacher.loss(task, logits, clips) if teacher else task
+            if regulariser is not None:
+                loss = loss + regulariser.loss()      # float32, on the float32 weights
+            (scaler.scale(loss / in_group) if scaler is not None else loss / in_group).backward()
+        if last_of_group:
+            if masks is not None:
+                masks.apply_to_grads()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
             else:
-                task = criterion(logits, labels)
-            loss = teacher.loss(task, logits, clips) if teacher else task
-        if penalty is not None:
-            loss = loss + penalty()
-        # One device-to-host copy per batch for the finiteness check and the running figures.
-        loss_value, task_value, hits = torch.stack([loss.detach().float(), task.detach().float(),
-                                                    (logits.argmax(1) == labels).sum().float()]).tolist()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"the loss became {loss_value} at epoch {epoch}, batch {i + 1}: lower --lr "
-                                   f"(or --rho); nothing of this epoch was saved")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if masks is not None:
-            masks.apply_to_grads()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if scheduler is not None:
+                optimizer.step()
             scheduler.step()
 
-        total_loss += task_value * labels.shape[0]
-        correct += int(hits)
-        seen += labels.shape[0]
-        rate = seen / (time.perf_counter() - start)
-        lr = optimizer.param_groups[0]['lr']
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}",
-                        clips_s=f"{rate:.1f}", refresh=False)
+        with torch.no_grad():
+            n = labels.shape[0]
+            sums += torch.stack([task.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < batches), first_bad, i)
         bar.update()
-        if (i + 1) % log_interval == 0 or i + 1 == batches:
-            log.info(f"epoch {epoch} batch {i + 1}/{batches} loss {task_value:.4f} "
-                     f"total {loss_value:.4f} lr {lr:.3e} {rate:.1f} clips/s", extra={'file_only': True})
+        if (i + 1) % recipe.log_interval == 0 or i + 1 == batches:
+            bad = int(first_bad)                    # the one host read-back per log interval
+            if bad < batches:
+                raise TrainingDiverged(f"the loss became non-finite at epoch {epoch}, batch {bad + 1}: lower --lr "
+                                       f"(or --rho / --penalty); nothing of this epoch was saved")
+            total, correct, seen = sums.tolist()
+            lr = optimizer.param_groups[0]['lr']
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}",
+                            clips_s=f"{rate:.1f}", refresh=False)
+            log.info(f"epoch {epoch} batch {i + 1}/{batches} loss {task.item():.4f} total {loss.item():.4f} "
+                     f"lr {lr:.3e} {rate:.1f} clips/s", extra={'file_only': True})
     bar.close()
-    stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(stats)
-    return (stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
+        dist.all_reduce(sums)
+    return (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, max_batches=None):
+def evaluate(model, loader, device, max_batches=None, amp_dtype=None, channels_last=False):
     """Top-1 %, top-5 % and mean loss over the validation set (summed over processes)."""
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)
@@ -457,7 +734,10 @@ def evaluate(model, loader, device, max_batches=None):
         if max_batches is not None and i >= max_batches:
             break
         clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(clips)
+        if channels_last:
+            clips = clips.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(clips).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         # Summed on the device: no host round trip per batch.
         stats += torch.stack([(top5[:, 0] == labels).sum().double(), (top5 == labels[:, None]).any(1).sum().double(),
@@ -469,92 +749,180 @@ def evaluate(model, loader, device, max_batches=None):
     return 100 * stats[0].item() / n, 100 * stats[1].item() / n, stats[2].item() / n
 
 
-# ----------------------------------------------------------------------------- shared phase machinery
+# ----------------------------------------------------------------------------- fit: the one training loop
 
-class Run:
-    """What every phase needs: device, data, criterion, teacher, history, and checkpoint helpers."""
+REPORT_LABELS = {'near_zero': '|w|<1e-4', 'distance': '||W-Z||/||W||', 'small_groups': 'small groups'}
 
-    def __init__(self, args, device, rank, world):
-        self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.classes = num_classes(args)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smooth_eps)
-        self.scaler = torch.amp.GradScaler('cuda', enabled=args.amp and device.type == 'cuda')
-        if args.amp and device.type != 'cuda':
-            log.info("--amp needs CUDA: training in float32")
-        self.history = {k: [] for k in ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'val_top5', 'lr')}
 
-    def loaders(self, need_train=True):
-        self.train_loader, self.val_loader = make_loaders(self.args, self.world, self.rank, need_train)
+def log_report(regulariser, board=None, step=0):
+    for name, row in regulariser.report().items():
+        log.info(f"  {name:<32} " + "  ".join(f"{REPORT_LABELS[k]}: {v:.4f}" for k, v in row.items()))
+        if board is not None:
+            for k, v in row.items():
+                board.add_scalar(f"{k}/{name}", v, step)
 
-    def teacher(self):
-        a = self.args
-        if not a.distill:
-            return None
-        arch = a.teacharch or a.arch
-        path = a.teacher_path or find_baseline(a, arch)
-        model = new_model(a, self.classes, self.device, arch=arch)
-        load_into(model, path, a, arch)
-        log.info(f"distilling from {path} (T={a.temperature}, coefficient {a.kd_coefficient})")
-        return Teacher(model, a.temperature, a.kd_coefficient)
 
-    def epoch(self, model, optimizer, epoch, epochs, stage=0, **kw):
-        """Train one epoch and validate; append to history; return val top-1."""
-        a = self.args
-        start_epoch_data(self.train_loader, seed_epoch(a.seed, stage, epoch))
-        tick = time.perf_counter()
-        teacher = kw.pop('teacher', None)
-        if teacher is not None and epoch > epochs - 5:
-            teacher = None     # the original trains the last 5 epochs on the labels alone
-        lr = optimizer.param_groups[0]['lr']
-        loss, top1 = train_one_epoch(model, self.train_loader, optimizer, self.criterion, self.device, epoch,
-                                     teacher=teacher, mixup_alpha=a.alpha, scaler=self.scaler,
-                                     log_interval=a.log_interval, max_batches=a.max_batches, **kw)
-        v1, v5, vloss = evaluate(model, self.val_loader, self.device, a.max_batches)
-        for k, v in zip(self.history, (loss, top1, vloss, v1, v5, lr)):
-            self.history[k].append(v)
-        log.info(f"epoch {epoch}/{epochs}: train loss {loss:.4f} top-1 {top1:.2f} | val loss {vloss:.4f} "
+def placed(model, env, recipe):
+    """The model in its memory format, wrapped for data parallelism (once per phase: DDP keeps
+    references to the parameters)."""
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return wrap(model, env, recipe.multi_gpu)
+
+
+def fit(model, data, recipe, env, schedule, *, meta, resume_path, best_path=None, resume=None, stage=0,
+        regulariser=None, masks=None, teacher=None, board=None):
+    """Train `model` for `recipe.epochs` epochs (from where `resume` stopped), validating after each.
+
+    `schedule(optimizer, steps_per_epoch)` builds the per-step learning-rate scheduler. The
+    regulariser (admm.ADMM or admm.Reweighted) starts with the stage, updates before the epochs it
+    is due (`on_epoch`) and adds its loss to every batch; `masks` keep zero weights at zero; the
+    teacher distils except in the last 5 epochs. After every epoch the resume point goes to
+    `resume_path` (model, optimiser, scheduler, regulariser, epoch, best, `meta`); the best-top-1
+    model to `best_path` if given. Returns (history, best)."""
+    base = unwrap(model)
+    wrapped = model if model is not base else placed(model, env, recipe)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=recipe.amp_dtype == torch.float16)
+    optimizer = make_optimizer(base.parameters(), recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
+                               scaled=scaler.is_enabled())
+    steps = steps_per_epoch(batches_per_epoch(data.train, recipe.max_batches), recipe.accum_steps)
+    scheduler = schedule(optimizer, steps)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.smooth_eps)
+    history, best, start = {k: [] for k in HISTORY_KEYS}, {'top1': -1.0, 'epoch': 0}, 1
+    if resume is not None:
+        base.load_state_dict(resume['state_dict'])
+        optimizer.load_state_dict(resume['optimizer'])
+        scheduler.load_state_dict(resume['scheduler'])
+        if resume.get('scaler'):
+            scaler.load_state_dict(resume['scaler'])
+        if regulariser is not None:
+            regulariser.load_state_dict(resume['regulariser'])
+        history = {k: list(v) for k, v in resume['history'].items()}
+        best, start = resume.get('best', best), resume['epoch'] + 1
+        log.info(f"resumed from {resume['path']} after epoch {resume['epoch']}")
+    elif regulariser is not None:
+        regulariser.start()
+    same = f" (identical on {env.world} processes)" if env.world > 1 else ""
+    if regulariser is not None:
+        check_same_on_all_ranks(regulariser.tensors(), type(regulariser).__name__ + ' state')
+
+    for epoch in range(start, recipe.epochs + 1):
+        data.set_epoch(seed_everything(recipe.seed, stage, epoch))
+        if regulariser is not None and regulariser.on_epoch(epoch):
+            check_same_on_all_ranks(regulariser.tensors(), type(regulariser).__name__ + ' state')
+            log.info(f"epoch {epoch}: {regulariser.UPDATED}{same}")
+        tick, lr = time.perf_counter(), optimizer.param_groups[0]['lr']
+        distil = teacher if epoch <= recipe.epochs - 5 else None   # the last 5 epochs train on the labels alone
+        loss, top1 = train_one_epoch(wrapped, data.train, optimizer, scheduler, criterion, env.device, epoch, recipe,
+                                     scaler=scaler if scaler.is_enabled() else None, regulariser=regulariser,
+                                     masks=masks, teacher=distil)
+        v1, v5, vloss = evaluate(wrapped, data.val, env.device, recipe.max_batches, recipe.amp_dtype,
+                                 recipe.channels_last)
+        for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
+            history[k].append(v)
+        log.info(f"epoch {epoch}/{recipe.epochs}: train loss {loss:.4f} top-1 {top1:.2f} | val loss {vloss:.4f} "
                  f"top-1 {v1:.2f} top-5 {v5:.2f} | lr {lr:.2e} | {time.perf_counter() - tick:.0f} s")
-        return v1
-
-    def checkpoint(self, model, **extra):
-        a = self.args
-        crop, _ = geometry(a)
-        return {'state_dict': unwrap(model).state_dict(), 'arch': a.arch, 'num_classes': self.classes,
-                'num_frames': a.num_frames, 'crop_size': crop, 'history': dict(self.history), **extra}
-
-    def resume_state(self, optimizer, scheduler):
-        return {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'rng': torch.get_rng_state(),
-                'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                'scaler': self.scaler.state_dict()}
-
-    def restore(self, resume, model, optimizer, scheduler):
-        """Load a resume file read by `read_resume` (written by `checkpoint(..., **resume_state(...))`);
-        return its dict."""
-        path, state, meta = resume
-        unwrap(model).load_state_dict(state)
-        optimizer.load_state_dict(meta['optimizer'])
-        scheduler.load_state_dict(meta['scheduler'])
-        torch.set_rng_state(meta['rng'])
-        if meta.get('cuda_rng') and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(meta['cuda_rng'])
-        if meta.get('scaler'):
-            self.scaler.load_state_dict(meta['scaler'])
-        self.history = {k: list(v) for k, v in meta['history'].items()}
-        log.info(f"resumed from {path} after epoch {meta['epoch']}")
-        return meta
+        step = stage * recipe.epochs + epoch
+        if board is not None:
+            for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
+                board.add_scalar(f"{k.split('_')[0]}/{k}", v, step)
+        if regulariser is not None and (regulariser.due(epoch + 1) or epoch == recipe.epochs):
+            log_report(regulariser, board, step)
+        state = dict(meta, state_dict=base.state_dict(), epoch=epoch, top1=v1, history=history)
+        if best_path and v1 > best['top1']:
+            best = {'top1': v1, 'epoch': epoch}
+            atomic_save(state, best_path)
+        atomic_save(dict(state, best=best, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(),
+                         **({'regulariser': regulariser.state_dict()} if regulariser is not None else {})),
+                    resume_path)
+    return history, best
 
 
-def read_resume(path):
-    """`(path, state dict, other entries)` of the resume file `path`, or a message when there is none."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: nothing to resume, {path} does not exist (run without --resume)")
-    return (path, *read_checkpoint(path))
+# ----------------------------------------------------------------------------- what a run is
+
+def recipe_of(args, env):
+    dtype = amp_dtype(args.amp, args.amp_dtype, env.device)
+    channels_last = args.channels_last == 'on' or (args.channels_last == 'auto' and env.device.type == 'cuda'
+                                                   and dtype is not None)
+    return Recipe(epochs=args.epochs, optimizer=args.optmzr, lr=args.lr, momentum=args.momentum,
+                  weight_decay=args.weight_decay, smooth_eps=args.smooth_eps, mixup_alpha=args.alpha,
+                  accum_steps=args.accum_steps, amp_dtype=dtype, channels_last=channels_last, seed=args.seed,
+                  log_interval=args.log_interval, max_batches=args.max_batches, multi_gpu=args.multi_gpu)
 
 
-def log_command(args):
-    log.info("command: " + " ".join(sys.argv))
-    log.info("options: " + json.dumps({k: v for k, v in vars(args).items() if k != 'max_batches'}, default=str))
+def run_options(args, phase, classes, rules=(), source=None):
+    """The options that define what a run computes: saved in every checkpoint, and compared
+    before --resume continues one (workers, logging, paths and precision may change)."""
+    crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
+    o = dict(phase=phase, arch=args.arch, dataset=args.dataset, num_classes=classes, num_frames=args.num_frames,
+             crop_size=crop, scale_size=list(scale), temporal_jitter=args.temporal_jitter,
+             batch_size=args.batch_size, processes=int(os.environ.get('WORLD_SIZE', 1)), epochs=args.epochs,
+             optmzr=args.optmzr, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+             accum_steps=args.accum_steps, seed=args.seed, smooth_eps=args.smooth_eps, alpha=args.alpha,
+             distill=args.distill, max_batches=args.max_batches, source=source)
+    if args.distill:
+        o.update(teacharch=args.teacharch, temperature=args.temperature, kd_coefficient=args.kd_coefficient)
+    if phase != 'admm' and (phase != 'rew' or args.rew_lr == 'scheduler'):
+        o.update(lr_scheduler=args.lr_scheduler, warmup_epochs=args.warmup_epochs if args.warmup else 0,
+                 warmup_lr=args.warmup_lr if args.warmup else None)
+    if phase != 'baseline':
+        o.update(profiles=[r for r, _ in rules], sparsity_type=[t for _, t in rules],
+                 connectivity_block_size=list(args.connectivity_block_size),
+                 combine_progressive=args.combine_progressive)
+    if phase == 'admm':
+        o.update(rho=args.rho, rho_num=args.rho_num, admm_epochs=args.admm_epochs, admm_penalty=args.admm_penalty)
+    if phase == 'rew':
+        o.update(penalty=args.penalty, rew_milestones=list(args.rew_milestones), rew_eps=args.rew_eps,
+                 rew_lr=args.rew_lr)
+    return json.loads(json.dumps(o))         # plain lists, floats and strings, as a checkpoint reads back
+
+
+def model_meta(args, classes):
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    return {'arch': args.arch, 'num_classes': classes, 'num_frames': args.num_frames, 'crop_size': crop}
+
+
+def load_rules(config_files, sparsity_types, model, block_size):
+    """[(prune_ratios, sparsity_type)] of the profiles, checked against the model's weights."""
+    try:
+        rules = [(admm.load_profile(c, model), t) for c, t in zip(config_files, sparsity_types)]
+        admm.check_block_size({n: p.shape for n, p in model.named_parameters()},
+                              [r for r, _ in rules], [t for _, t in rules], block_size)
+        pairs = pruning_args(rules)
+        weight_rules = admm.weight_rules(*pairs)
+        admm.check_rules(admm.prunable_parameters(model, weight_rules), weight_rules, block_size)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise UserError(exc.args[0] if exc.args else str(exc)) from None
+    return rules
+
+
+def pruning_args(rules):
+    """ADMM / hard_prune take one profile and type, or lists of both (masks multiply)."""
+    if len(rules) == 1:
+        return rules[0]
+    return [r for r, _ in rules], [t for _, t in rules]
+
+
+def make_teacher(args, env, classes):
+    if not args.distill:
+        return None
+    arch = args.teacharch or args.arch
+    path = args.teacher_path or find_baseline(args.ckpt_root, args.dataset, arch, args.data_location)
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    model = new_model(arch, classes, args.num_frames, crop, env.device)
+    load_into(model, path, arch)
+    return Teacher(model, args.temperature, args.kd_coefficient), path
+
+
+def open_board(args, folder, phase):
+    if not args.tensorboard or not is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(folder, 'tensorboard', phase))
 
 
 def save_curves(history, stem):
@@ -582,282 +950,287 @@ def save_curves(history, stem):
     plt.close(fig)
 
 
-def load_rules(args, model):
-    """[(prune_ratios, sparsity_type)] for the profiles on the command line."""
-    try:
-        return [(admm.load_profile(c, unwrap(model)), t) for c, t in zip(args.config_file, args.sparsity_type)]
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise UserError(exc.args[0] if exc.args else str(exc)) from None
-
-
-def pruning_args(rules):
-    """ADMM / hard_prune take one profile and type, or lists of both (masks multiply)."""
-    if len(rules) == 1:
-        return rules[0]
-    return [r for r, _ in rules], [t for _, t in rules]
+def finish(files, stem, best):
+    """Rename the kept best model `{stem}.pt` to its final name; return that name."""
+    final = files.final(stem, best['epoch'], best['top1'])
+    if is_main():
+        if not os.path.isfile(stem + '.pt'):
+            raise UserError(f"the best model {stem}.pt is missing (was it moved while the run trained?); "
+                            f"nothing was renamed")
+        os.replace(stem + '.pt', final)
+    return final
 
 
 # ----------------------------------------------------------------------------- phases
 
-def train_keeping_best(run, model, optimizer, scheduler, start, best, best_path, resume_path, **kw):
-    """Epochs `start..--epochs` with a per-batch scheduler. The best-top-1 model is kept at
-    `best_path` and renamed `..._epoch-{E}_top1-{acc:.3f}.pt` at the end; a resume file is
-    written after every epoch. Returns the final path and the best epoch."""
-    a = run.args
-    for epoch in range(start, a.epochs + 1):
-        top1 = run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, **kw)
-        if top1 > best['top1']:
-            best = {'top1': top1, 'epoch': epoch}
-            atomic_save(run.checkpoint(model, epoch=epoch, top1=top1), best_path)
-        atomic_save(run.checkpoint(model, epoch=epoch, top1=top1, best=best,
-                                   **run.resume_state(optimizer, scheduler)), resume_path)
-    final = f"{best_path[:-3]}_epoch-{best['epoch']}_top1-{best['top1']:.3f}.pt"
-    if is_main() and os.path.exists(best_path):
-        os.replace(best_path, final)
-    return final, best
+def run_baseline(args, env):
+    recipe = recipe_of(args, env)
+    files = RunFiles.baseline(args.ckpt_root, args.dataset, args.arch)
+    data = make_data(args, env)
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device,
+                      pretrained=args.arch == 'r2+1d-pretrained' and not args.load_path)
+    if args.load_path:
+        load_into(model, args.load_path, args.arch)
+    options = run_options(args, 'baseline', data.classes, source=args.load_path)
+    resume = read_resume(files.resume('baseline'), options) if args.resume else None
+    teacher, teacher_path = make_teacher(args, env, data.classes) or (None, None)
 
-
-def run_baseline(run):
-    a = run.args
-    stem = os.path.join(a.ckpt_root, f"{a.dataset}_{a.arch}_baseline")
-    os.makedirs(a.ckpt_root, exist_ok=True)
-    setup_logging(stem + '.log')
-    log_command(a)
-    run.loaders()
-    model = new_model(a, run.classes, run.device, pretrained=a.arch == 'r2+1d-pretrained' and not a.load_path)
-    if a.load_path:
-        load_into(model, a.load_path, a)
-    model = wrap(model, a, run.device, run.world)
-    optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, run.train_loader)
-    start, best = 1, {'top1': -1.0, 'epoch': 0}
-    if a.resume:
-        meta = run.restore(read_resume(stem + '_last.pt'), model, optimizer, scheduler)
-        start, best = meta['epoch'] + 1, meta['best']
-    final, best = train_keeping_best(run, model, optimizer, scheduler, start, best, stem + '.pt', stem + '_last.pt',
-                                     teacher=run.teacher())
-    save_curves(run.history, stem + '_curves')
+    files.start(fresh=False)
+    setup_logging(files.log('baseline') if is_main() else None)
+    log_command(args)
+    files.tidy()
+    if teacher:
+        log.info(f"distilling from {teacher_path} (T={args.temperature}, coefficient {args.kd_coefficient})")
+    schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs, steps,  # noqa: E731
+                                                 args.warmup_epochs if args.warmup else 0, args.warmup_lr)
+    stem = files.result('baseline')
+    history, best = fit(model, data, recipe, env, schedule, meta=dict(model_meta(args, data.classes), options=options),
+                        resume_path=files.resume('baseline'), best_path=stem + '.pt', resume=resume, teacher=teacher,
+                        board=open_board(args, args.ckpt_root, files.name))
+    save_curves(history, stem + '_curves')
+    final = finish(files, stem, best)
     log.info(f"baseline: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
 
 
-def run_admm(run):
-    a = run.args
-    paths, base, rules = open_run(run, 'admm')
-    run.loaders()
-    rhos = rho_values(a)
-    start_stage, start_epoch, resume = 0, 1, None
-    if a.resume:
-        resume = read_resume(paths['admm_resume'])
-        start_stage, start_epoch = resume[2]['stage'], resume[2]['epoch'] + 1
-    teacher = run.teacher()
+def pruning_setup(args, env, config_files=None):
+    """What --admm, --rew and --masked-retrain check before they touch the disk: data, model,
+    profiles, teacher. Returns (data, model, rules, teacher, teacher_path)."""
+    data = make_data(args, env)
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device)
+    rules = load_rules(config_files or args.config_file, args.sparsity_type, model,
+                       tuple(args.connectivity_block_size))
+    teacher, teacher_path = make_teacher(args, env, data.classes) or (None, None)
+    return data, model, rules, teacher, teacher_path
+
+
+def begin_pruning_run(args, files, phase, fresh, teacher_path):
+    """Lock the run directory (moving an old one aside for a fresh run), open the phase's log."""
+    files.start(fresh)
+    setup_logging(files.log(phase) if is_main() else None)
+    log_command(args)
+    files.tidy()
+    if teacher_path:
+        log.info(f"distilling from {teacher_path} (T={args.temperature}, coefficient {args.kd_coefficient})")
+
+
+def copy_profiles(config_files, files):
+    if is_main():
+        for source, copy in zip(config_files, files.profiles):
+            shutil.copyfile(admm.resolve_profile_path(source), copy)
+
+
+def run_admm(args, env):
+    recipe = recipe_of(args, env)
+    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
+                             args.connectivity_block_size, args.rho_num, args.distill)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env)
+    rhos = [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
+    source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
+    options = run_options(args, 'admm', data.classes, rules, source)
+    resume = read_resume(files.resume('admm'), options) if args.resume else None
+    if resume is None:
+        load_into(model, source, args.arch)
+
+    begin_pruning_run(args, files, 'admm', fresh=resume is None, teacher_path=teacher_path)
+    if resume is None:
+        copy_profiles(args.config_file, files)
     ratios, types = pruning_args(rules)
-    for stage in range(start_stage, len(rhos)):
+    board = open_board(args, files.dir, 'admm')
+    schedule = lambda opt, steps: epoch_scheduler(opt, lambda e: admm_lr_factor(e, args.admm_epochs),  # noqa: E731
+                                                  steps)
+    first = resume['stage'] if resume else 0
+    wrapped = placed(model, env, recipe)
+    for stage in range(first, len(rhos)):
         rho = rhos[stage]
-        source = (a.load_path or find_baseline(a)) if stage == 0 else paths['stage'](rhos[stage - 1])
-        if resume is None:
-            load_into(base, source, a)
-            log.info(f"stage {stage + 1}/{len(rhos)}: rho {rho:g}, starting from {source}")
-        model = wrap(base, a, run.device, run.world)
-        optimizer = make_optimizer(a, model)
-        scheduler = admm_lr_scheduler(a, optimizer)
-        state = admm.ADMM(base, ratios, rho, types, tuple(a.connectivity_block_size), penalty=a.admm_penalty)
-        if resume is not None:
-            state.load_state_dict(run.restore(resume, model, optimizer, scheduler)['admm'])
-            resume = None
-        else:
-            state.initialize()
-            start_epoch = 1
-        check_same_on_all_ranks(list(state.Z.values()) + list(state.U.values()), 'ADMM Z and U')
-        masks = admm.Masks(base, weights_only=True) if a.combine_progressive else None
-        if masks is not None:
-            log.info(f"--combine-progressive: keeping the zeros of {len(masks)} weights")
-        for epoch in range(start_epoch, a.epochs + 1):
-            if epoch != 1 and (epoch - 1) % a.admm_epochs == 0:
-                state.update()
-                check_same_on_all_ranks(list(state.Z.values()) + list(state.U.values()), 'ADMM Z and U')
-                log.info(f"epoch {epoch}: Z and U updated" + (f" (identical on {run.world} processes)"
-                                                               if run.world > 1 else ""))
-            run.epoch(model, optimizer, epoch, a.epochs, stage=stage, penalty=state.loss, masks=masks,
-                      teacher=teacher)
-            scheduler.step()
-            if epoch % a.admm_epochs == 0 or epoch == a.epochs:
-                log_convergence(state)
-            atomic_save(run.checkpoint(model, epoch=epoch, stage=stage, rho=rho, admm=state.state_dict(),
-                                       **run.resume_state(optimizer, scheduler)), paths['admm_resume'])
-        atomic_save(run.checkpoint(model, epoch=a.epochs, rho=rho, top1=run.history['val_top1'][-1],
-                                   admm=state.state_dict()), paths['stage'](rho))
-        log.info(f"stage {stage + 1} done: saved {paths['stage'](rho)}")
-        run.history = {k: [] for k in run.history}
-    save_curves(run_history_from_stages(paths, rhos), os.path.join(paths['dir'], f"{paths['name']}_admm_curves"))
-    return paths['stage'](rhos[-1])
+        if stage > first:
+            load_into(model, files.stage(rhos[stage - 1]), args.arch)
+        if not (resume and stage == first):
+            log.info(f"stage {stage + 1}/{len(rhos)}: rho {rho:g}, starting from "
+                     f"{source if stage == 0 else files.stage(rhos[stage - 1])}")
+        state = admm.ADMM(model, ratios, rho, types, tuple(args.connectivity_block_size),
+                          penalty=args.admm_penalty, update_every=args.admm_epochs)
+        masks = keep_zeros(model) if args.combine_progressive else None
+        meta = dict(model_meta(args, data.classes), options=options, stage=stage, rho=rho)
+        history, _ = fit(wrapped, data, recipe, env, schedule, meta=meta, resume_path=files.resume('admm'),
+                         resume=resume if stage == first else None, stage=stage, regulariser=state, masks=masks,
+                         teacher=teacher, board=board)
+        atomic_save(dict(meta, state_dict=model.state_dict(), epoch=args.epochs, top1=history['val_top1'][-1],
+                         history=history, admm=state.state_dict()), files.stage(rho))
+        log.info(f"stage {stage + 1} done: saved {files.stage(rho)}")
+    save_curves(stage_histories(files, rhos), files.path(f"{files.name}_admm_curves"))
+    return files.stage(rhos[-1])
 
 
-def run_history_from_stages(paths, rhos):
+def keep_zeros(model):
+    masks = admm.Masks(model, weights_only=True)
+    log.info(f"--combine-progressive: keeping the zeros of {len(masks)} weights")
+    return masks
+
+
+def stage_histories(files, rhos):
     """Concatenate the per-stage histories saved in the stage files."""
     history = None
     for rho in rhos:
-        if not os.path.isfile(paths['stage'](rho)):
-            continue
-        h = read_checkpoint(paths['stage'](rho))[1].get('history', {})
-        history = {k: v for k, v in h.items()} if history is None else \
-            {k: history[k] + list(h.get(k, [])) for k in history}
+        if os.path.isfile(files.stage(rho)):
+            h = read_checkpoint(files.stage(rho))[1].get('history', {})
+            history = dict(h) if history is None else {k: history[k] + list(h.get(k, [])) for k in history}
     return history or {'val_top1': []}
 
 
-def log_convergence(state):
-    for name, row in state.report().items():
-        log.info(f"  {name:<32} |w|<1e-4: {row['near_zero']:.3f}  ||W-Z||/||W||: {row['distance']:.4f}")
+def run_rew(args, env):
+    """Reweighted group regularisation (the follow-up's): task loss + penalty / profiles *
+    sum_g alpha_g ||w_g||, alpha recomputed after each --rew-milestones epoch."""
+    recipe = recipe_of(args, env)
+    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
+                             args.connectivity_block_size, args.rho_num, args.distill)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env)
+    source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
+    options = run_options(args, 'rew', data.classes, rules, source)
+    resume = read_resume(files.resume('rew'), options) if args.resume else None
+    if resume is None:
+        load_into(model, source, args.arch)
+
+    begin_pruning_run(args, files, 'rew', fresh=resume is None, teacher_path=teacher_path)
+    if resume is None:
+        copy_profiles(args.config_file, files)
+        log.info(f"reweighted regularisation from {source}: penalty {args.penalty:g}, eps {args.rew_eps:g}, "
+                 f"learning rate: {args.rew_lr}")
+    ratios, types = pruning_args(rules)
+    reg = admm.Reweighted(model, ratios, args.penalty, types, tuple(args.connectivity_block_size), eps=args.rew_eps,
+                          milestones=args.rew_milestones)
+    if args.rew_lr == 'follow-up':
+        schedule = lambda opt, steps: epoch_scheduler(  # noqa: E731
+            opt, lambda e: rew_lr_factor(e, set(args.rew_milestones)), steps)
+    else:
+        schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs,  # noqa: E731
+                                                     steps, args.warmup_epochs if args.warmup else 0, args.warmup_lr)
+    meta = dict(model_meta(args, data.classes), options=options)
+    history, _ = fit(model, data, recipe, env, schedule, meta=meta, resume_path=files.resume('rew'), resume=resume,
+                     regulariser=reg, masks=keep_zeros(model) if args.combine_progressive else None,
+                     teacher=teacher, board=open_board(args, files.dir, 'rew'))
+    atomic_save(dict(meta, state_dict=model.state_dict(), epoch=args.epochs, top1=history['val_top1'][-1],
+                     history=history, rew=reg.state_dict()), files.rew)
+    save_curves(history, files.path(f"{files.name}_rew_curves"))
+    log.info(f"saved {files.rew}; prune and retrain it with --masked-retrain")
+    return files.rew
 
 
-def retrain_source(a):
+def retrain_source(args, files):
     """(model to hard-prune, method naming the result): --load-path (one-shot pruning), else the
     last ADMM stage or the --rew model (--retrain-from; auto takes whichever is newer)."""
-    if a.load_path:
-        return a.load_path, 'oneshot'
-    paths = run_paths(a)
-    choices = {'admm': paths['stage'](rho_values(a)[-1]), 'rew': paths['rew']}
-    if a.retrain_from != 'auto':
-        return choices[a.retrain_from], a.retrain_from
+    if args.load_path:
+        return args.load_path, 'oneshot'
+    last_stage = files.stage(float(f"{args.rho * 10 ** (args.rho_num - 1):.6g}"))
+    choices = {'admm': last_stage, 'rew': files.rew}
+    if args.retrain_from != 'auto':
+        return choices[args.retrain_from], args.retrain_from
     present = sorted((os.path.getmtime(f), m) for m, f in choices.items() if os.path.isfile(f))
     method = present[-1][1] if present else 'admm'
     return choices[method], method
 
 
-def run_retrain(run):
-    a = run.args
-    source, method = retrain_source(a)
-    paths = run_paths(a, method)
-    if is_main():
-        os.makedirs(paths['dir'], exist_ok=True)
-    setup_logging(paths['log']('retrain'))
-    log_command(a)
-    base = new_model(a, run.classes, run.device)
-    if method != 'oneshot' and all(os.path.isfile(p) for p in paths['profiles']):
-        log.info(f"profile: {', '.join(paths['profiles'])} (the copy the pruning phase saved)")
-        a.config_file = paths['profiles']
-    rules = load_rules(a, base)
-    resume = read_resume(paths['retrain_resume']) if a.resume else None
-    if not a.resume and not os.path.isfile(source):
-        raise UserError(f"no model to retrain: {source} does not exist. Run the ADMM phase first "
-                        f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num) or --rew, "
-                        f"or pass --load-path MODEL for one-shot pruning of a trained model")
-    run.loaders()
-    model = wrap(base, a, run.device, run.world)
-    optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, run.train_loader)
-    start, best = 1, {'top1': -1.0, 'epoch': 0}
-    if a.resume:
-        meta = run.restore(resume, model, optimizer, scheduler)
-        start, best = meta['epoch'] + 1, meta['best']
-    else:
-        load_into(base, source, a)
+def run_retrain(args, env):
+    recipe = recipe_of(args, env)
+    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
+                             args.connectivity_block_size, args.rho_num, args.distill)
+    source, method = retrain_source(args, files)
+    stem = files.result(method)
+    copies = method != 'oneshot' and all(os.path.isfile(p) for p in files.profiles)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, files.profiles if copies else None)
+    options = run_options(args, 'masked_retrain', data.classes, rules, source)
+    resume = read_resume(stem + '_last.pt', options) if args.resume else None
+    if resume is None:
+        if not os.path.isfile(source):
+            raise UserError(f"no model to retrain: {source} does not exist. Run the ADMM phase first "
+                            f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num) or --rew, "
+                            f"or pass --load-path MODEL for one-shot pruning of a trained model")
+        load_into(model, source, args.arch)
+
+    begin_pruning_run(args, files, 'retrain', fresh=False, teacher_path=teacher_path)
+    if copies:
+        log.info(f"profile: {', '.join(files.profiles)} (the copy the pruning phase saved)")
+    if resume is None:
         ratios, types = pruning_args(rules)
-        kept = admm.hard_prune(base, ratios, types, tuple(a.connectivity_block_size))
+        kept = admm.hard_prune(model, ratios, types, tuple(args.connectivity_block_size))
         if isinstance(kept, list):       # several profiles: one grid per profile and weight
             kept = {f"{t}/{n}": g for t, grids in zip(types, kept) for n, g in grids.items()}
         if is_main():
-            np.savez_compressed(paths['kept'], **{k: v.numpy() for k, v in kept.items()})
-        top1, _, _ = evaluate(model, run.val_loader, run.device, a.max_batches)
+            np.savez_compressed(stem + '_kept.npz', **{k: v.numpy() for k, v in kept.items()})
+        top1, _, _ = evaluate(model, data.val, env.device, args.max_batches)
         log.info(f"hard-pruned {source} ({method}): {len(kept)} weight grids, top-1 {top1:.2f} before "
-                 f"retraining; kept-group index in {paths['kept']}")
-    masks = admm.Masks(base)
+                 f"retraining; kept-group index in {stem}_kept.npz")
+    masks = admm.Masks(model)
     check_same_on_all_ranks(masks.masks, 'pruning masks')
-    log.info(f"masks on {len(masks)} parameters" + (f", identical on {run.world} processes"
-                                                     if run.world > 1 else ""))
-    final, best = train_keeping_best(run, model, optimizer, scheduler, start, best, paths['retrained'],
-                                     paths['retrain_resume'], masks=masks, teacher=run.teacher())
-    save_curves(run.history, paths['curves'])
-    log_sparsity(unwrap(model), rules)
+    log.info(f"masks on {len(masks)} parameters" + (f", identical on {env.world} processes" if env.world > 1 else ""))
+    schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs, steps,  # noqa: E731
+                                                 args.warmup_epochs if args.warmup else 0, args.warmup_lr)
+    history, best = fit(model, data, recipe, env, schedule, meta=dict(model_meta(args, data.classes), options=options),
+                        resume_path=stem + '_last.pt', best_path=stem + '.pt', resume=resume, masks=masks,
+                        teacher=teacher, board=open_board(args, files.dir, 'retrain'))
+    save_curves(history, stem + '_curves')
+    profiled = {n for r, _ in rules for n in r}
+    for name, zeros in admm.sparsity_report(model, profiled).items():
+        log.info(f"  {name:<32} sparsity {zeros:.3f}")
+    final = finish(files, stem, best)
     log.info(f"retrained: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
 
 
-def run_rew(run):
-    """Reweighted group regularisation: task loss + penalty * sum_g alpha_g ||w_g||, alpha
-    recomputed at the start and at --rew-milestones epochs."""
-    a = run.args
-    paths, base, rules = open_run(run, 'rew')
-    run.loaders()
-    model = wrap(base, a, run.device, run.world)
-    optimizer = make_optimizer(a, model)
-    scheduler = make_scheduler(a, optimizer, run.train_loader)
-    ratios, types = pruning_args(rules)
-    reg = admm.Reweighted(base, ratios, a.penalty, types, tuple(a.connectivity_block_size), eps=a.rew_eps)
-    start = 1
-    if a.resume:
-        meta = run.restore(read_resume(paths['rew_resume']), model, optimizer, scheduler)
-        reg.load_state_dict(meta['rew'])
-        start = meta['epoch'] + 1
-    else:
-        source = a.load_path or find_baseline(a)
-        load_into(base, source, a)
-        reg.reweight()
-        log.info(f"reweighted regularisation from {source}: penalty {a.penalty:g}, eps {a.rew_eps:g}")
-    masks = admm.Masks(base, weights_only=True) if a.combine_progressive else None
-    teacher = run.teacher()
-    for epoch in range(start, a.epochs + 1):
-        if epoch in a.rew_milestones and epoch != 1:
-            reg.reweight()
-            log.info(f"epoch {epoch}: group weights recomputed")
-        run.epoch(model, optimizer, epoch, a.epochs, scheduler=scheduler, penalty=reg.loss, masks=masks,
-                  teacher=teacher)
-        if epoch in a.rew_milestones or epoch == a.epochs:
-            for name, row in reg.report().items():
-                log.info(f"  {name:<32} |w|<1e-4: {row['near_zero']:.3f}  small groups: {row['small_groups']:.3f}")
-        atomic_save(run.checkpoint(model, epoch=epoch, rew=reg.state_dict(),
-                                   **run.resume_state(optimizer, scheduler)), paths['rew_resume'])
-    atomic_save(run.checkpoint(model, epoch=a.epochs, top1=run.history['val_top1'][-1], rew=reg.state_dict()),
-                paths['rew'])
-    save_curves(run.history, os.path.join(paths['dir'], f"{paths['name']}_rew_curves"))
-    log.info(f"saved {paths['rew']}; prune and retrain it with --masked-retrain")
-    return paths['rew']
-
-
-def run_export(run):
+def run_export(args, env):
     """A checkpoint in compact form (kept groups and their index), and optionally ONNX."""
     from models.compact import export_onnx, load_compact, save_compact
-    a = run.args
-    setup_logging()
-    out = a.export_out or (a.export[:-3] if a.export.endswith('.pt') else a.export) + '.compact.pt'
-    model = new_model(a, run.classes, torch.device('cpu'))
-    load_into(model, a.export, a)
+    out = args.export_out or (args.export[:-3] if args.export.endswith('.pt') else args.export) + '.compact.pt'
+    onnx_path = (out[:-3] if out.endswith('.pt') else out) + '.onnx'
+    for path in [out] + ([onnx_path] if args.onnx else []):
+        if os.path.exists(path) and os.path.exists(args.export) and os.path.samefile(path, args.export):
+            raise UserError(f"--export-out {path} is the checkpoint being exported: writing it would destroy it; "
+                            f"choose another file")
+        if os.path.exists(path) and not args.force:
+            raise UserError(f"{path} exists: choose another --export-out, or pass --force to replace it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"folder {os.path.dirname(os.path.abspath(out))} of --export-out does not exist: create it")
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    classes = args.num_classes or KNOWN_CLASSES.get(args.dataset, 101)
+    model = new_model(args.arch, classes, args.num_frames, crop, torch.device('cpu'))
+    load_into(model, args.export, args.arch)
     state = model.state_dict()
-    types = list(dict.fromkeys(a.sparsity_type + ['irregular']))
-    compact = save_compact(state, out, types, tuple(a.connectivity_block_size))
-    restored = load_compact(out)
-    assert all(torch.equal(restored[k], v) for k, v in state.items()), "compact round trip differs"
-    log.info(f"{a.export}: {os.path.getsize(a.export) / 2**20:.1f} MiB -> {out}: {os.path.getsize(out) / 2**20:.1f} "
-             f"MiB ({len(compact)} weights stored compactly; models.compact.load_compact reads it back)")
-    if a.onnx:
-        crop, _ = geometry(a)
-        onnx_path = out[:-3] + '.onnx' if out.endswith('.pt') else out + '.onnx'
-        export_onnx(model, onnx_path, (1, 3, a.num_frames, crop, crop))
+    types = list(dict.fromkeys(args.sparsity_type + ['irregular']))
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        compact = save_compact(state, tmp, types, tuple(args.connectivity_block_size))
+        restored = load_compact(tmp)
+        if not all(torch.equal(restored[k], v) for k, v in state.items()):
+            raise RuntimeError("compact round trip differs")
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    log.info(f"{args.export}: {os.path.getsize(args.export) / 2**20:.1f} MiB -> {out}: "
+             f"{os.path.getsize(out) / 2**20:.1f} MiB ({len(compact)} weights stored compactly; "
+             f"models.compact.load_compact reads it back)")
+    if args.onnx:
+        export_onnx(model, onnx_path, (1, 3, args.num_frames, crop, crop))
         log.info(f"wrote {onnx_path} ({os.path.getsize(onnx_path) / 2**20:.1f} MiB) for clips of "
-                 f"1x3x{a.num_frames}x{crop}x{crop}")
+                 f"1x3x{args.num_frames}x{crop}x{crop}")
     return out
 
 
-def log_sparsity(model, rules):
-    profiled = {n for r, _ in rules for n in r}
-    for name, zeros in admm.sparsity_report(model, profiled).items():
-        log.info(f"  {name:<32} sparsity {zeros:.3f}")
-
-
-def run_evaluate(run):
+def run_evaluate(args, env):
     import profile_flops
-    a = run.args
-    setup_logging()
-    path = a.load_path or find_baseline(a)
-    model = new_model(a, run.classes, run.device)
-    meta = load_into(model, path, a)
-    run.loaders(need_train=False)
-    top1, top5, loss = evaluate(wrap(model, a, run.device, run.world), run.val_loader, run.device, a.max_batches)
-    crop, _ = geometry(a)
-    report = profile_flops.profile(model.cpu(), a.num_frames, crop)
-    pruned = [row for row in report['layers'] if row['density'] < 1]
-    for row in pruned:
-        log.info(f"  {row['name']:<32} density {row['density']:.3f}")
+    path = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
+    data = make_data(args, env, need_train=False)
+    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
+    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device)
+    meta = load_into(model, path, args.arch)
+    dtype = amp_dtype(args.amp, args.amp_dtype, env.device)
+    top1, top5, loss = evaluate(wrap(model, env, args.multi_gpu), data.val, env.device, args.max_batches, dtype)
+    report = profile_flops.profile(model.cpu(), args.num_frames, crop)
+    for row in report['layers']:
+        if row['density'] < 1:
+            log.info(f"  {row['name']:<32} density {row['density']:.3f}")
     result = {'checkpoint': path, 'top1': top1, 'top5': top5, 'loss': loss,
               'flops_reduction': report['flops_reduction'], 'params_reduction': report['params_reduction'],
               'dense_gmacs': report['dense_macs'] / 1e9, 'pruned_gmacs': report['pruned_macs'] / 1e9,
@@ -866,24 +1239,26 @@ def run_evaluate(run):
              f"{report['flops_reduction']:.2f}x ({result['pruned_gmacs']:.3f} of {result['dense_gmacs']:.3f} "
              f"GMACs)  parameters reduction {report['params_reduction']:.2f}x")
     if is_main():
-        print("RESULT " + json.dumps(result))
+        print("RESULT " + json.dumps(result, default=float))
     return result
+
+
+PHASES = {'baseline': run_baseline, 'admm': run_admm, 'rew': run_rew, 'masked_retrain': run_retrain,
+          'evaluate': run_evaluate, 'export': run_export}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device, rank, world = setup_distributed(args)
+    env = setup_distributed(args.no_cuda)
     setup_logging()
-    torch.manual_seed(args.seed)
     try:
-        run = Run(args, device, rank, world)
-        phase = {'baseline': run_baseline, 'admm': run_admm, 'rew': run_rew, 'masked_retrain': run_retrain,
-                 'evaluate': run_evaluate, 'export': run_export}[args.phase]
-        return phase(run)
+        return PHASES[args.phase](args, env)
     except (UserError, TrainingDiverged) as exc:
         log.error(f"error: {exc}")
         sys.exit(1)
     finally:
+        for lock in list(RunLock.held_locks):
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
