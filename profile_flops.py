@@ -25,7 +25,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import admm
-from models import DEFAULT_GEOMETRY, build_model, check_state_dict, read_checkpoint, strip_module_prefix
+from models import (
+    DEFAULT_GEOMETRY,
+    CheckpointError,
+    build_model,
+    check_state_dict,
+    read_checkpoint,
+    strip_module_prefix,
+)
 
 
 def layer_macs(model, num_frames, crop_size):
@@ -303,20 +310,32 @@ def plot_sparsity(model, path, layers=None, sparsity_type='blk-kgs', block_size=
 
 # ----------------------------------------------------------------------------- command line
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, like every other error of this tool (argparse would print the whole usage first).
+        self.exit(2, f"error: {message} (python profile_flops.py --help lists the options)\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', required=True, choices=sorted(DEFAULT_GEOMETRY))
-    p.add_argument('--num-classes', type=int, default=101)
+    p.add_argument('--num-classes', type=positive_int, default=101)
     src = p.add_mutually_exclusive_group()
     src.add_argument('--config-file', nargs='+', help='profile name (profiles/NAME.yaml) or path to a YAML profile; '
                      'several profiles (one --sparsity-type each) prune at once')
     src.add_argument('--checkpoint', help='count the real zeros of this checkpoint')
     src.add_argument('--target', type=float, help='write a profile reaching this FLOPs reduction (with --out)')
     p.add_argument('--sparsity-type', nargs='+', default=['blk-kgs'], choices=admm.SPARSITY_TYPES)
-    p.add_argument('--connectivity-block-size', type=int, nargs=2, default=[8, 4], metavar=('gM', 'gN'))
-    p.add_argument('--num-frames', type=int, default=16)
-    p.add_argument('--crop-size', type=int, help='clip height and width (default: the architecture\'s)')
+    p.add_argument('--connectivity-block-size', type=positive_int, nargs=2, default=[8, 4], metavar=('gM', 'gN'))
+    p.add_argument('--num-frames', type=positive_int, default=16)
+    p.add_argument('--crop-size', type=positive_int, help='clip height and width (default: the architecture\'s)')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     g = p.add_argument_group('target profiles (--target)')
     g.add_argument('--out', help='where to write the generated profile')
@@ -334,12 +353,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def one_line(exc):
+    """An exception's message on one line (checkpoint mismatches and YAML errors span several)."""
+    if isinstance(exc, OSError) and exc.strerror:  # from open() and friends: (errno, strerror, filename)
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    elif isinstance(exc, KeyError) and exc.args:  # str() of a KeyError is its message in quotes
+        text = str(exc.args[0])
+    else:
+        text = str(exc)
+    return re.sub(r"\s*\n\s*", "; ", re.sub(r":\s*\n\s*", ": ", text.strip()))
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError) as exc:
-        sys.exit(f"error: {exc.args[0] if exc.args else exc}")
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        sys.exit(f"error: {one_line(exc)}")
+
+
+def make_parent_folder(path, option):
+    """Create the folder an output goes into, before any work: a typo in it should not cost a run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder") from None
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot create the folder {folder} ({exc.strerror})") from None
+
+
+def load_checkpoint(path):
+    try:
+        return read_checkpoint(path)
+    except (FileNotFoundError, CheckpointError):
+        raise
+    except Exception as exc:  # noqa: BLE001  torch.load's own errors for a file that is no checkpoint (KeyError, ...)
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {one_line(exc)}); "
+                         "copy or download it again, or train it again") from None
+
+
+def load_profile(name, model):
+    try:
+        return admm.load_profile(name, model)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"profile {name}: not a text YAML file ({exc.reason} at byte {exc.start})") from None
 
 
 def run(args):
@@ -354,13 +412,16 @@ def run(args):
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
             raise ValueError(f"--plot-layers: {name!r} is not a weight of {args.arch}"
                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+    for path, option in ((args.out, '--out'), (args.plot, '--plot')):
+        if path:
+            make_parent_folder(path, option)
     ratios, types = None, args.sparsity_type
     if args.checkpoint:
-        state, _ = read_checkpoint(args.checkpoint)
+        state, _ = load_checkpoint(args.checkpoint)
         check_state_dict(model, state, args.checkpoint, arch=args.arch)
         model.load_state_dict(state, strict=False)
     elif args.config_file:
-        ratios = [admm.load_profile(name, model) for name in args.config_file]
+        ratios = [load_profile(name, model) for name in args.config_file]
         admm.profile_pairs(ratios, types)                 # one type per profile, or one for all
         if len(ratios) == 1:
             ratios = ratios[0]
@@ -373,7 +434,11 @@ def run(args):
         types = types[0]
         layers = None
         if args.layers:
-            layers = [n for n in names if re.search(args.layers, n)]
+            try:
+                pattern = re.compile(args.layers)
+            except re.error as exc:
+                raise ValueError(f"--layers {args.layers!r} is not a regular expression: {exc}") from None
+            layers = [n for n in names if pattern.search(n)]
             if not layers:
                 raise ValueError(f"--layers {args.layers!r} matches no weight of {args.arch}; the weights are the "
                                  f"rows of `python profile_flops.py --arch {args.arch}`")
