@@ -24,6 +24,30 @@ from .video_list import VideoRecord, read_list_file
 
 EXAMPLES = 3  # mismatching videos named in an error message
 
+# LMDB allows one environment per database in a process, so datasets over one database share it:
+# real path -> (pid that opened it, environment).
+_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def _open_readonly(path: str) -> lmdb.Environment:
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False, meminit=False)
+
+
+def _shared_environment(path: Path) -> lmdb.Environment:
+    """This process's read-only environment of the database at `path`, opened on first use.
+
+    A handle must not be used across a fork: a DataLoader worker drops the one it inherited and
+    opens its own (spawned workers start without any).
+    """
+    key = os.path.realpath(path)
+    pid, env = _ENVIRONMENTS.get(key, (None, None))
+    if pid != os.getpid():
+        if env is not None:
+            env.close()
+        env = _open_readonly(key)
+        _ENVIRONMENTS[key] = (os.getpid(), env)
+    return env
+
 
 def sample_frame_indices(num_frames: int, num_groups: int, jitter: bool = False) -> np.ndarray:
     """0-based frame indices, one per equal segment: its centre (the seed's rule) or, with jitter, a random frame in it.
@@ -140,15 +164,18 @@ class VideoDataSetLMDB(_ClipDataset):
         super().__init__(root_path, list_file, num_groups, transform, is_train, filter_video, temporal_jitter)
         if not self.root_path.exists():
             raise MissingDataError(f"LMDB database {self.root_path} not found (create_lmdb.py writes it)")
-        self._env, self._env_pid = None, None
-        try:
-            env = self._open()
-        except lmdb.Error as err:
-            raise self._unopenable(err) from None
-        try:
-            stored, frames = self._stored_index(env)
-        finally:
-            env.close()  # never carried into forked workers; each opens its own
+        shared = _ENVIRONMENTS.get(os.path.realpath(self.root_path), (None, None))
+        if shared[0] == os.getpid():  # another dataset over this database has it open
+            stored, frames = self._stored_index(shared[1])
+        else:
+            try:
+                env = _open_readonly(str(self.root_path))
+            except lmdb.Error as err:
+                raise self._unopenable(err) from None
+            try:
+                stored, frames = self._stored_index(env)
+            finally:
+                env.close()  # opened again on first read, in each process
         missing = [record.video_id for record in self.records if record.video_id not in stored]
         if missing:
             raise DatabaseMismatchError(
@@ -166,12 +193,6 @@ class VideoDataSetLMDB(_ClipDataset):
                 "The database was made from another extraction: re-create it from the current frames (delete it, "
                 "run create_lmdb.py), or use the list file it was made from"
             )
-
-    def _open(self) -> lmdb.Environment:
-        return lmdb.open(
-            str(self.root_path), subdir=self.root_path.is_dir(), readonly=True, lock=False,
-            readahead=False, meminit=False,
-        )
 
     def _empty(self) -> EmptyDatabaseError:
         return EmptyDatabaseError(
@@ -223,22 +244,8 @@ class VideoDataSetLMDB(_ClipDataset):
             "any -vr range, which rebuilds the index from the records"
         )
 
-    def _environment(self) -> lmdb.Environment:
-        # Opened on first use in each process: an LMDB handle must not be used across a fork, so a
-        # DataLoader worker drops the one it inherited (py-lmdb allows one handle per path) and opens its own.
-        if self._env_pid != os.getpid():
-            if self._env is not None:
-                self._env.close()
-            self._env, self._env_pid = self._open(), os.getpid()
-        return self._env
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_env"] = state["_env_pid"] = None  # spawned workers open their own
-        return state
-
     def read_frames(self, record: VideoRecord, indices: list[int]) -> list[bytes]:
-        with self._environment().begin(buffers=True) as txn:
+        with _shared_environment(self.root_path).begin(buffers=True) as txn:
             raw = txn.get(record.video_id.encode("ascii"))
             if raw is None:
                 raise KeyError(f"video {record.video_id!r} of {self.list_file} is not in {self.root_path}")

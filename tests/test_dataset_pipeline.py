@@ -530,6 +530,14 @@ def test_training_transform_with_dataloader_workers(database):
     assert batches[0][0].shape == (4, 3, 16, 112, 112)
 
 
+def test_two_datasets_over_one_database_in_one_process(database):
+    # LMDB allows one environment per database in a process: the datasets must share it.
+    first = VideoDataSetLMDB(database / "train.lmdb", database / "train.txt")
+    clip, _ = first[0]
+    second = VideoDataSetLMDB(database / "train.lmdb", database / "train.txt", temporal_jitter=True)
+    assert second[0][0].shape == clip.shape and torch.equal(first[0][0], clip)
+
+
 def test_num_classes_is_read_from_the_list(database):
     assert num_classes_from_list(database / "train.txt") == 3
     assert VideoDataSet(database, database / "val.txt").num_classes == 3
