@@ -9,6 +9,7 @@ from .augment import (
     ClipEvalTransform,
     ClipTrainTransform,
     get_augmentor,
+    normalize_clips,
 )
 from .clips import VideoDataSet, VideoDataSetLMDB, sample_frame_indices
 from .errors import DatabaseMismatchError, DataError, EmptyDatabaseError, MissingDataError
@@ -35,6 +36,7 @@ __all__ = [
     "VideoDataSetLMDB",
     "VideoRecord",
     "get_augmentor",
+    "normalize_clips",
     "num_classes_from_list",
     "read_list_file",
     "sample_frame_indices",

@@ -1,10 +1,13 @@
-"""Clip transforms: JPEG frames in, normalised 3 x T x H x W float tensor out.
+"""Clip transforms: JPEG frames in, normalised 3 x T x H x W float tensor out (or uint8, normalised later).
 
 A transform takes the clip's frames as encoded JPEG bytes, so it can let libjpeg decode at a
 reduced scale (PIL draft mode) and resize only the crop. One random draw (scale, crop, flip)
-per clip keeps all frames of a clip aligned.
+per clip keeps all frames of a clip aligned. With `uint8=True` it returns the pixels as uint8,
+a quarter of the bytes to pass from DataLoader workers and to copy to the GPU, and
+`normalize_clips` normalises the batch where it lands, to the same values.
 """
 
+import functools
 import io
 from collections.abc import Sequence
 
@@ -49,13 +52,24 @@ def decode_crops(
     return clip
 
 
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) with (x / 255 - mean) / std == x * scale - offset, computed on the CPU.
+
+    Computed once on the CPU, so every device gets the same float32 constants (the results are
+    then bit-identical), and cached, so no per-batch host-to-device copy waits for the GPU.
+    """
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    scale = 1.0 / (255.0 * std_t)
+    offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) / std_t
+    return scale.to(device), offset.to(device)
+
+
 class ClipNormalize:
     """T x H x W x 3 uint8 array -> 3 x T x H x W float32 tensor, (x / 255 - mean) / std."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) / std
+        self.scale, self.offset = _normalize_constants(tuple(mean), tuple(std), torch.device("cpu"))
 
     def __call__(self, clip: np.ndarray) -> torch.Tensor:
         out = torch.empty((3, *clip.shape[:3]), dtype=torch.float32)
@@ -63,12 +77,37 @@ class ClipNormalize:
         return out.mul_(self.scale).sub_(self.offset)
 
 
+def uint8_clip(clip: np.ndarray) -> torch.Tensor:
+    """T x H x W x 3 uint8 array -> 3 x T x H x W uint8 tensor, contiguous (batches stack with one plain copy)."""
+    return torch.from_numpy(np.ascontiguousarray(clip.transpose(3, 0, 1, 2)))  # numpy: twice torch's uint8 permute
+
+
+def normalize_clips(
+    clips: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 clips (3 x T x H x W, or a batch N x 3 x T x H x W) -> (x / 255 - mean) / std as `dtype`, on their device.
+
+    Equal to the float transform's output for the clips of a `uint8=True` transform.
+    """
+    if clips.dtype != torch.uint8 or clips.dim() not in (4, 5) or clips.shape[-4] != 3:
+        raise ValueError(
+            f"normalize_clips expects uint8 clips 3 x T x H x W or N x 3 x T x H x W (a transform made with "
+            f"uint8=True), got {clips.dtype} {tuple(clips.shape)}"
+        )
+    scale, offset = _normalize_constants(tuple(mean), tuple(std), clips.device)
+    out = clips.to(torch.float32).mul_(scale).sub_(offset)  # the float transform's arithmetic, in its order
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
 class ClipTrainTransform:
     """Training: short side scaled to a random size in scale_range, random crop, random horizontal flip."""
 
-    def __init__(self, image_size: int, scale_range: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self, image_size: int, scale_range: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8: bool = False,
+    ):
         self.image_size, self.scale_range = image_size, scale_range
-        self.normalize = ClipNormalize(mean, std)
+        self.normalize = uint8_clip if uint8 else ClipNormalize(mean, std)
 
     def __call__(self, frames: Sequence[bytes]) -> torch.Tensor:
         # torch's generator: seeded per DataLoader worker and by torch.manual_seed
@@ -81,9 +120,11 @@ class ClipTrainTransform:
 class ClipEvalTransform:
     """Validation: short side scaled to scale_range[0], centre crop."""
 
-    def __init__(self, image_size: int, scale_range: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self, image_size: int, scale_range: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8: bool = False,
+    ):
         self.image_size, self.short_side = image_size, scale_range[0]
-        self.normalize = ClipNormalize(mean, std)
+        self.normalize = uint8_clip if uint8 else ClipNormalize(mean, std)
 
     def __call__(self, frames: Sequence[bytes]) -> torch.Tensor:
         return self.normalize(decode_crops(frames, self.short_side, self.image_size))
@@ -91,15 +132,19 @@ class ClipEvalTransform:
 
 def get_augmentor(
     is_train: bool, image_size: int, scale_range: int | tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    uint8: bool = False,
 ):
-    """The clip transform: C3D / R(2+1)D use (112, (128, 128)), S3D (224, (256, 320)) for training."""
+    """The clip transform: C3D / R(2+1)D use (112, (128, 128)), S3D (224, (256, 320)) for training.
+
+    uint8=True returns unnormalised uint8 clips; `normalize_clips(batch, mean, std)` finishes them.
+    """
     if isinstance(scale_range, int):
         scale_range = (scale_range, scale_range)
     low, high = (int(s) for s in scale_range)
     if not image_size <= low <= high:
         raise ValueError(f"need image_size <= scale_range[0] <= scale_range[1], got {image_size} and {scale_range}")
     transform = ClipTrainTransform if is_train else ClipEvalTransform
-    return transform(int(image_size), (low, high), mean, std)
+    return transform(int(image_size), (low, high), mean, std, uint8)
 
 
 def decode_clip(frames: Sequence[bytes]) -> torch.Tensor:

@@ -29,8 +29,9 @@ EXAMPLES = 3  # mismatching videos named in an error message
 _ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-def _open_readonly(path: str) -> lmdb.Environment:
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False, meminit=False)
+def _open_readonly(path: str, readahead: bool = False) -> lmdb.Environment:
+    # Training reads few frames of random videos, where the kernel's readahead would read pages for nothing.
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=readahead, meminit=False)
 
 
 def _shared_environment(path: Path) -> lmdb.Environment:
@@ -61,7 +62,8 @@ def sample_frame_indices(num_frames: int, num_groups: int, jitter: bool = False)
 
 
 class _ClipDataset(Dataset):
-    """Shared logic; subclasses read the frames. `(clip, label)` items, clip 3 x num_groups x H x W float.
+    """Shared logic; subclasses read the frames. `(clip, label)` items, clip 3 x num_groups x H x W float
+    (uint8 from a `uint8=True` transform).
 
     One frame per equal segment of the video: its centre, or a random one with `temporal_jitter`;
     videos of fewer than `filter_video` frames are left out (0 keeps all); `transform` turns the
@@ -169,7 +171,8 @@ class VideoDataSetLMDB(_ClipDataset):
             stored, frames = self._stored_index(shared[1])
         else:
             try:
-                env = _open_readonly(str(self.root_path))
+                # readahead: a database without `__frames__` is read whole (below), sequentially per record
+                env = _open_readonly(str(self.root_path), readahead=True)
             except lmdb.Error as err:
                 raise self._unopenable(err) from None
             try:
@@ -220,8 +223,10 @@ class VideoDataSetLMDB(_ClipDataset):
                 raw = txn.get(FRAMES_KEY)
                 if raw is not None:
                     return stored, decode_frame_counts(raw)
-                # A database written before `__frames__`: read each listed record's header only
-                # (zero-copy, so the pages holding frames are never touched).
+                # A database written before `__frames__`: each listed record's header. py-lmdb touches
+                # every page of a value it returns (to fault them in without the GIL), so this reads
+                # the records once (cold cache: as long as reading them all); re-running
+                # create_lmdb.py on any range adds `__frames__` and makes this free.
                 counts = {}
                 for record in self.records:
                     raw = txn.get(record.video_id.encode("ascii")) if record.video_id in stored else None

@@ -12,6 +12,7 @@ from dataset import (
     IMAGENET_STD,
     ListFileError,
     get_augmentor,
+    normalize_clips,
     num_classes_from_list,
     read_list_file,
     sample_frame_indices,
@@ -112,6 +113,39 @@ def test_large_frames_decode_at_reduced_scale_to_the_same_picture():
 def test_crop_larger_than_the_scaled_frame_is_refused():
     with pytest.raises(ValueError, match="image_size"):
         get_augmentor(True, 224, (128, 128))
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_uint8_clips_normalised_later_equal_the_float_clips(is_train):
+    frames = textured_frames(4, 120, 160)
+    torch.manual_seed(0)
+    expected = get_augmentor(is_train, 112, (128, 144))(frames)
+    torch.manual_seed(0)  # the same random scale, crop and flip
+    clip = get_augmentor(is_train, 112, (128, 144), uint8=True)(frames)
+    assert clip.dtype == torch.uint8 and clip.shape == (3, 4, 112, 112) and clip.is_contiguous()
+    assert torch.equal(normalize_clips(clip), expected)
+    assert torch.equal(normalize_clips(torch.stack([clip, clip]))[1], expected)  # a batch from the DataLoader
+    assert torch.allclose(normalize_clips(clip, dtype=torch.bfloat16).float(), expected, atol=0.02)
+
+
+def test_uint8_clips_with_another_mean_and_std():
+    frames = textured_frames(2, 64, 64)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    expected = get_augmentor(False, 32, 32, mean, std)(frames)
+    assert torch.equal(normalize_clips(get_augmentor(False, 32, 32, uint8=True)(frames), mean, std), expected)
+
+
+def test_normalize_clips_refuses_clips_already_normalised():
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_clips(torch.zeros(3, 4, 8, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_uint8_clips_normalised_on_the_gpu_equal_the_float_clips():
+    frames = textured_frames(4, 120, 160)
+    expected = get_augmentor(False, 112, 128)(frames)
+    clip = get_augmentor(False, 112, 128, uint8=True)(frames)
+    assert torch.equal(normalize_clips(clip.cuda()).cpu(), expected)
 
 
 def test_list_file_parsing_and_num_classes(tmp_path):
