@@ -1251,6 +1251,7 @@ def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.no_cuda)
     setup_logging()
+    seed_everything(args.seed, 0, 0)        # the initial weights of a model trained from scratch
     try:
         return PHASES[args.phase](args, env)
     except (UserError, TrainingDiverged) as exc:

@@ -84,7 +84,8 @@ def read_checkpoint(path):
             f"tool will not unpickle (weights_only=True). If you trust the file, re-save just its state dict: "
             f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path).\n"
             f"Detail: {next(line.strip() for line in str(exc).splitlines() if 'global' in line.lower())}") from None
-    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+    except (EOFError, RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError) as exc:
+        # What torch.load raises on text, random or cut-short bytes depends on the first bytes.
         if isinstance(exc, FileNotFoundError):
             raise
         raise CheckpointError(unreadable) from None

@@ -152,11 +152,12 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, le
     assert not (tmp_path / 'PWNED').exists()
 
 
-@pytest.mark.parametrize('content', ['empty', 'truncated', 'truncated-legacy', 'random'])
+@pytest.mark.parametrize('content', ['empty', 'truncated', 'truncated-legacy', 'random', 'text', 'one byte'])
 def test_broken_checkpoint_files_get_one_clear_message(tmp_path, c3d, content):
     whole = io.BytesIO()
     torch.save(c3d.state_dict(), whole, _use_new_zipfile_serialization=content != 'truncated-legacy')
-    data = {'empty': b'', 'random': os.urandom(4096)}.get(content, whole.getvalue()[:len(whole.getvalue()) // 2])
+    data = {'empty': b'', 'random': os.urandom(4096), 'text': b'hello world\nnot a model\n', 'one byte': b'a'}.get(
+        content, whole.getvalue()[:len(whole.getvalue()) // 2])
     path = tmp_path / 'model.pt'
     path.write_bytes(data)
     with pytest.raises(CheckpointError, match=rf'{re.escape(str(path))} is not a readable PyTorch checkpoint '

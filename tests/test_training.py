@@ -12,49 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from runner import GEOMETRY, RUN, run
 
 import admm
 import profile_flops
-from dataset.make_synthetic import make_dataset
 from models import build_model, read_checkpoint
-
-RUN = 'ucf101_c3d_blk-kgs-r8c4'
-GEOMETRY = ['--arch', 'c3d', '--num-classes', '5', '--crop-size', '16', '--scale-size', '18', '--batch-size', '4',
-            '--workers', '0', '--seed', '3', '--log-interval', '1']
-
-
-def run(*args, check=True, env=None, timeout=600):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args)], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_dataset(root, preset='motion', videos_per_class=2, test_per_class=1, frames=20, height=24, width=32)
-    tools = os.path.join(ROOT, 'dataset')
-    for cmd in (['extract_videos.py', '-d', 'ucf101', '--root', str(root), '--short-side', '0', '-j', '2'],
-                ['create_lmdb.py', '-d', str(root / 'ucf101_frame'), '-s', 'train'],
-                ['create_lmdb.py', '-d', str(root / 'ucf101_frame'), '-s', 'val']):
-        subprocess.run([sys.executable, os.path.join(tools, cmd[0]), *cmd[1:]], check=True, capture_output=True)
-    return str(root)
-
-
-@pytest.fixture(scope='module')
-def trained(data, tmp_path_factory):
-    """baseline -> ADMM (2 rhos) -> masked retrain with warmup, in one checkpoint root."""
-    ckpt = tmp_path_factory.mktemp('ckpt')
-    common = ['--data_location', data, '--ckpt-root', ckpt, *GEOMETRY]
-    run('--baseline', '--epochs', 2, '--lr', 0.003, *common)
-    run('--admm', '--epochs', 2, '--admm-epochs', 1, '--rho', 0.01, '--rho-num', 2, '--config-file', 'c3d_2.53x_v2',
-        '--lr', 0.001, *common)
-    retrain = run('--masked-retrain', '--epochs', 3, '--warmup', '--warmup-epochs', 1, '--warmup-lr', 1e-5,
-                  '--lr-scheduler', 'cosine', '--rho', 0.01, '--rho-num', 2, '--config-file', 'c3d_2.53x_v2',
-                  '--lr', 0.001, '--combine-progressive', *common)
-    return {'ckpt': str(ckpt), 'common': common, 'retrain_out': retrain.stdout}
 
 
 def test_baseline_is_saved_under_the_original_naming(trained):

@@ -1,0 +1,235 @@
+"""The original's command lines, defaults and schedules (ORIGINAL_CLI.md), rule by rule."""
+import math
+import shlex
+
+import pytest
+import torch
+
+import admm
+import opt_main
+from options import get_parser, parse_args
+
+# The original README's two commands, and the option lists of its recipe scripts (C3D, R(2+1)D,
+# S3D; ADMM then masked retraining), as users paste them.
+ORIGINAL_COMMANDS = [
+    "--data_location /data/UCF101/ --admm  --epoch 50  --arch r2+1d  --config-file  r2+1d-pretrained_3.20x",
+    "--data_location /data/UCF101/  --masked-retrain  --epoch 50  --arch r2+1d  --config-file  "
+    "r2+1d-pretrained_3.20x --combine-progressive  --warmup",
+    "--multi-gpu --arch c3d --dataset ucf101 --sparsity-type blk-kgs --config-file c3d_2.53x_v2 "
+    "--connectivity-block-size 8 4 --admm --rho 0.0001 --rho-num 4 --epoch 1 --lr 5e-4 --optmzr sgd "
+    "--log-interval 50 --smooth --smooth-eps 0.1",
+    "--multi-gpu --arch c3d --dataset ucf101 --sparsity-type blk-kgs --config-file c3d_2.53x_v2 "
+    "--connectivity-block-size 8 4 --combine-progressive --masked-retrain --rho 0.0001 --rho-num 4 --epoch 1 "
+    "--lr 5e-4 --optmzr sgd --log-interval 50 --warmup --warmup-lr 1e-5 --lr-scheduler cosine --distill "
+    "--teacharch c3d --teacher-path checkpoint/ucf101_c3d_transfer_epoch-14_top1-81.571.pt",
+    "--multi-gpu --arch r2+1d-pretrained --dataset ucf101 --sparsity-type blk-kgs --config-file "
+    "r2+1d-pretrained_2.56x --connectivity-block-size 8 4 --admm --rho 0.0001 --rho-num 4 --epoch 50 --lr 5e-4 "
+    "--optmzr sgd --log-interval 50 --smooth --smooth-eps 0.1",
+    "--multi-gpu --arch r2+1d-pretrained --dataset ucf101 --sparsity-type blk-kgs --config-file "
+    "r2+1d-pretrained_2.56x --connectivity-block-size 8 4 --combine-progressive --masked-retrain --rho 0.0001 "
+    "--rho-num 4 --epoch 130 --lr 5e-4 --optmzr sgd --log-interval 50 --warmup --warmup-lr 1e-5 --lr-scheduler "
+    "cosine --distill --teacharch r2+1d-pretrained --teacher-path "
+    "checkpoint/ucf101_r2+1d-pretrained_transfer_epoch-14_top1-93.981.pt",
+    "--multi-gpu --arch s3d --dataset ucf101 --sparsity-type blk-kgs --config-file s3d_2.09x "
+    "--connectivity-block-size 8 4 --admm --rho 0.0001 --rho-num 1 --epoch 1 --lr 5e-4 --optmzr sgd "
+    "--log-interval 50 --smooth --smooth-eps 0.1",
+    "--multi-gpu --arch s3d --dataset ucf101 --sparsity-type blk-kgs --config-file s3d_2.09x "
+    "--connectivity-block-size 8 4 --combine-progressive --masked-retrain --rho 0.0001 --rho-num 1 --epoch 1 "
+    "--lr 5e-4 --optmzr sgd --log-interval 50 --warmup --warmup-lr 1e-5 --lr-scheduler cosine --distill "
+    "--teacharch s3d --teacher-path checkpoint/ucf101-s3d-ts-max-f16-multisteps-bs32-e20_epoch-20_top1-90.573.pt",
+]
+
+
+@pytest.mark.parametrize('command', ORIGINAL_COMMANDS)
+def test_the_originals_commands_parse(command):
+    args = parse_args(shlex.split(command))
+    assert args.phase in ('admm', 'masked_retrain')
+    if '--smooth-eps 0.1' in command:
+        assert args.smooth_eps == 0.1
+    if '--epoch ' in command:
+        assert args.epochs == int(command.split('--epoch ')[1].split()[0])
+
+
+def test_every_spelling_of_the_original_is_accepted_with_its_meaning():
+    args = parse_args(shlex.split(
+        '--admm --smooth --smooth-eps 0.1 --mixup --alpha 0.2 -j 3 --wd 1e-3 -conn-blk 16 8 --lr-decay 30 --logger '
+        '--block-size 8 --s 0.0001 --epoch 7 --multi-gpu --no-cuda --load-path x.pt --data_location d'))
+    assert (args.smooth_eps, args.alpha, args.workers, args.weight_decay) == (0.1, 0.2, 3, 1e-3)
+    assert args.connectivity_block_size == [16, 8] and args.epochs == 7 and args.multi_gpu and args.no_cuda
+    notes = '\n'.join(args.notes)
+    for unused in ('--lr-decay 30', '--block-size 8', '--s 0.0001'):
+        assert f"{unused}: accepted for the original's command lines" in notes
+    assert '--logger' in notes
+
+
+def test_switches_without_their_values_change_nothing_and_say_so():
+    args = parse_args(['--admm', '--smooth', '--mixup'])
+    assert args.smooth_eps == 0 and args.alpha == 0
+    assert any('--smooth without --smooth-eps' in n for n in args.notes)
+    assert any('--mixup without --alpha' in n for n in args.notes)
+
+
+@pytest.mark.parametrize('option, value', [
+    ('seed', 2019), ('log_interval', 50), ('workers', 12), ('epochs', 100), ('arch', 'r2+1d'),
+    ('lr_scheduler', 'cosine'), ('lr', 5e-4), ('momentum', 0.9), ('batch_size', 32), ('admm_epochs', 10),
+    ('rho', 1e-4), ('rho_num', 4), ('optmzr', 'sgd'), ('sparsity_type', ['blk-kgs']), ('dataset', 'ucf101'),
+    ('connectivity_block_size', [8, 4]), ('warmup_lr', 1e-5), ('warmup_epochs', 5), ('alpha', 0.0),
+    ('smooth_eps', 0.0), ('temperature', 3.0), ('kd_coefficient', 0.5), ('lr_decay', 30), ('s', 1e-4),
+    ('block_size', 8), ('accum_steps', 1)])
+def test_defaults_are_the_originals(option, value):
+    assert getattr(parse_args(['--admm']), option) == value
+
+
+def test_weight_decay_is_5e_4_with_sgd_and_none_with_adam_unless_given():
+    assert parse_args(['--admm']).weight_decay == 5e-4
+    assert parse_args(['--admm', '--optmzr', 'adam']).weight_decay == 0
+    assert parse_args(['--admm', '--optmzr', 'adam', '--wd', '1e-4']).weight_decay == 1e-4
+
+
+def test_the_originals_smoke_recipe_with_warmup_longer_than_the_run_is_accepted_with_a_warning():
+    args = parse_args(['--masked-retrain', '--epoch', '1', '--warmup'])
+    assert any(n.startswith('warning: --warmup-epochs 5 is not shorter than --epochs 1') for n in args.notes)
+
+
+# ----------------------------------------------------------------------------- learning rates
+
+def lr_per_epoch(scheduler_of, epochs, steps=3, lr=1.0):
+    """The learning rate of every epoch's first step, stepping the scheduler once per step."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = scheduler_of(opt, steps)
+    rates = []
+    for _ in range(epochs):
+        rates.append(opt.param_groups[0]['lr'])
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+    return rates
+
+
+@pytest.mark.parametrize('admm_epochs, expected', [
+    # lr = --lr if (e - 1) % A == 0 else --lr * 0.5 ** (((e - 1) % A) // (A / 3)), A / 3 a float division
+    (10, [1, 1, 1, 1, .5, .5, .5, .25, .25, .25, 1, 1]),
+    (4, [1, 1, .5, .25, 1]),
+    (3, [1, .5, .25, 1]),
+    (2, [1, .5, 1]),
+    (1, [1, 1, 1]),
+    (6, [1, 1, .5, .5, .25, .25, 1]),
+])
+def test_admm_learning_rate_is_the_originals_formula(admm_epochs, expected):
+    rates = lr_per_epoch(lambda opt, steps: opt_main.epoch_scheduler(
+        opt, lambda e: opt_main.admm_lr_factor(e, admm_epochs), steps), len(expected))
+    assert rates == pytest.approx(expected)
+
+
+def test_rew_learning_rate_follows_the_follow_up():
+    # At the first batch of every epoch e > 1: x1.6 if e - 1 is a milestone, else x0.98.
+    milestones = {2, 3}
+    expected = [1.0, 0.98, 0.98 * 1.6, 0.98 * 1.6 * 1.6, 0.98 * 1.6 * 1.6 * 0.98]
+    rates = lr_per_epoch(lambda opt, steps: opt_main.epoch_scheduler(
+        opt, lambda e: opt_main.rew_lr_factor(e, milestones), steps), 5)
+    assert rates == pytest.approx(expected)
+
+
+def test_cosine_anneals_to_the_originals_4e_8():
+    steps, epochs = 4, 3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
+    sched = opt_main.make_scheduler(opt, 'cosine', 5e-4, epochs, steps)
+    for _ in range(epochs * steps):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]['lr'] == pytest.approx(4e-8)
+
+
+def test_default_scheduler_halves_every_int_fifth_of_the_epochs():
+    rates = lr_per_epoch(lambda opt, steps: opt_main.make_scheduler(opt, 'default', 1.0, 12, steps), 12)
+    # int(0.2 * 12) = 2 epochs per halving
+    assert rates == pytest.approx([0.5 ** (e // 2) for e in range(12)])
+
+
+def test_warmup_longer_than_the_run_ramps_without_finishing():
+    steps, warmup_epochs, lr, warmup_lr = 4, 5, 5e-4, 1e-5
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = opt_main.make_scheduler(opt, 'cosine', lr, 1, steps, warmup_epochs, warmup_lr)
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    ramp = [warmup_lr + (lr - warmup_lr) * k / (warmup_epochs * steps) for k in range(steps)]
+    assert seen == pytest.approx(ramp)
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+class Batches(list):
+    """A list of (clips, labels) batches that a training loop iterates like a DataLoader."""
+
+
+def accumulate_vs_one_batch(accum, groups, sizes, masks=False, penalty=False):
+    """Weights after training on `sizes`-long batches with --accum-steps, and after one optimiser
+    step per group on the concatenated batch (what accumulation must equal)."""
+    torch.manual_seed(0)
+    data = [(torch.randn(n, 6), torch.randint(0, 3, (n,))) for n in sizes]
+    results = []
+    for mode in ('accumulated', 'concatenated'):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        with torch.no_grad():
+            model[0].weight[:, :2] = 0                              # a pruned block, kept at zero by masks
+        keep = admm.Masks(model) if masks else None
+        reg = None
+        if penalty:
+            reg = admm.ADMM(model, {'0.weight': 0.5}, rho=0.1, sparsity_type='irregular')
+            reg.start()
+        if mode == 'accumulated':
+            loader, recipe_accum = Batches(data), accum
+        else:
+            cut = [0]
+            for g in groups:
+                cut.append(cut[-1] + g)
+            loader = Batches([(torch.cat([c for c, _ in data[a:b]]), torch.cat([y for _, y in data[a:b]]))
+                              for a, b in zip(cut, cut[1:])])
+            recipe_accum = 1
+        recipe = opt_main.Recipe(epochs=1, optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=1e-3,
+                                 accum_steps=recipe_accum, log_interval=100)
+        opt = opt_main.make_optimizer(model.parameters(), 'sgd', 0.1, 0.9, 1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        opt_main.train_one_epoch(model, loader, opt, sched, torch.nn.CrossEntropyLoss(), torch.device('cpu'), 1,
+                                 recipe, regulariser=reg, masks=keep)
+        results.append(([p.detach().clone() for p in model.parameters()], sched.last_epoch))
+    return results
+
+
+@pytest.mark.parametrize('masks, penalty', [(False, False), (True, False), (True, True)])
+def test_accumulating_four_batches_is_one_step_on_their_union(masks, penalty):
+    (acc, acc_steps), (one, one_steps) = accumulate_vs_one_batch(4, [4, 4], [3] * 8, masks, penalty)
+    assert acc_steps == one_steps == 2                 # the scheduler steps with the optimiser
+    for a, b in zip(acc, one):
+        assert torch.allclose(a, b, atol=1e-6)
+    if masks:
+        assert not acc[0][:, :2].any()
+
+
+def test_the_epochs_last_short_group_steps_too():
+    # 6 batches, 4 per step: a step after batch 4 and one after batch 6 (a group of 2).
+    (acc, acc_steps), (one, one_steps) = accumulate_vs_one_batch(4, [4, 2], [3] * 6)
+    assert acc_steps == one_steps == 2
+    for a, b in zip(acc, one):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_steps_per_epoch_count_the_short_group():
+    assert [opt_main.steps_per_epoch(b, 4) for b in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert math.ceil(10 / 1) == opt_main.steps_per_epoch(10, 1)
+
+
+def test_help_documents_every_original_option():
+    text = get_parser().format_help()
+    for option in ('--logger', '--log-interval', '--seed', '--workers', '--multi-gpu', '--no-cuda', '--load-path',
+                   '--arch', '--batch-size', '--epochs', '--admm-epochs', '--optmzr', '--lr', '--momentum',
+                   '--weight-decay', '--sparsity-type', '--config-file', '--admm', '--masked-retrain',
+                   '--combine-progressive', '--rho', '--rho-num', '--data_location', '--lr-scheduler', '--warmup',
+                   '--warmup-lr', '--warmup-epochs', '--mixup', '--alpha', '--smooth', '--smooth-eps', '--no-tricks',
+                   '--dataset', '--resume', '--connectivity-block-size', '--distill', '--teacharch',
+                   '--teacher-path', '--temperature', '--kd-coefficient', '--accum-steps'):
+        assert option in text, option
