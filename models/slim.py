@@ -1,0 +1,363 @@
+"""Slim models: pruned filters removed for real, and files of models rebuilt for speed.
+
+    from models.slim import slim_model, save_model, load_model
+    slim = slim_model(model, 'c3d')       # a smaller copy: same outputs as `model` (eval mode) up to rounding
+    save_model(slim, 'model.slim.pt', 'c3d', num_classes=101)    # no pickle
+    slim = load_model('model.slim.pt')
+
+A filter whose weights are all zero (the `filter` sparsity type) still produces a channel: the
+constant its bias, BatchNorm and ReLU make of zero. `slim_model` removes the filter, the channel's
+BatchNorm entries and the matching input channels of every consumer (next conv, R(2+1)D's
+mid-channels, S3D's branch concatenations, the classifier), and adds the constant's contribution
+back: into the consumer's bias where the consumer has no zero padding, else as a precomputed
+border-aware correction (`SlimConv3d`). Channels that every consumer ignores (all-zero input
+columns) go too. R(2+1)D's residual streams keep their width: a conv feeding one computes only
+its kept filters, and `BatchNormExpand` puts the constants back in place.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import build_model
+from .sparse_conv import KGSConv3d, _triple
+
+FORMAT = 'rt3d-model'
+VERSION = 1
+
+
+class SlimConv3d(nn.Conv3d):
+    """A Conv3d plus the contribution of removed input channels that held a constant: `const_weight`
+    (O, 1, kT, kH, kW) is that constant times their weights, convolved with the zero-padded input's
+    support (ones inside, zeros in the padding), so the borders are exact."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer('const_weight', torch.zeros(self.out_channels, 1, *self.kernel_size))
+        self._cache = {}
+
+    def correction(self, size, like):
+        """The constant channels' contribution for inputs of spatial `size`, shaped (1, O, T', H', W')."""
+        key = (tuple(size), like.dtype, like.device)
+        if key in self._cache:
+            return self._cache[key]
+        # Along a dimension without padding every position sees the whole kernel: size it to one output.
+        reduced = [n if p else d * (k - 1) + 1 for n, p, k, d in zip(size, self.padding, self.kernel_size,
+                                                                      self.dilation)]
+        ones = torch.ones((1, 1, *reduced), dtype=like.dtype, device=like.device)
+        value = F.conv3d(ones, self.const_weight.to(like.dtype), None, self.stride, self.padding, self.dilation)
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            self._cache = {key: value}
+        return value
+
+    def forward(self, x):
+        return super().forward(x) + self.correction(x.shape[2:], x)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_cache'] = {}
+        return state
+
+
+class BatchNormExpand(nn.BatchNorm3d):
+    """BatchNorm over the kept channels of a conv that feeds a residual sum, then the full width back:
+    removed channels take `fill` (what the BatchNorm makes of a zero conv output) at `removed_index`."""
+
+    def __init__(self, num_features, full_features, eps=1e-5, momentum=0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.full_features = full_features
+        # Output channel c is channel index[c] of cat([kept channels, removed channels' constants]).
+        self.register_buffer('index', torch.arange(full_features))
+        self.register_buffer('fill', torch.zeros(full_features - num_features))
+
+    def forward(self, x):
+        y = super().forward(x)
+        fill = self.fill.view(1, -1, 1, 1, 1).to(y.dtype).expand(y.shape[0], -1, *y.shape[2:])
+        return torch.index_select(torch.cat([y, fill], dim=1), 1, self.index)
+
+
+# ----------------------------------------------------------------------------- channel links
+
+class Link:
+    """Channels made by `producers` (concatenated in order) and read by `consumers`.
+
+    A producer is `(module name, post-ops)`: the BatchNorm module names and 'relu' applied to its
+    output before the consumers see it. A consumer is `(module name, multiplicity)`: a Linear after a
+    flatten reads `multiplicity` features per channel. `residual`: the channels also feed a residual
+    sum, so they keep their width (`BatchNormExpand`). `exact`: constants reach the consumers
+    unchanged (False through an average pool with padding: only channels that hold 0 may go)."""
+
+    def __init__(self, producers, consumers=(), residual=False, exact=True):
+        self.producers, self.consumers, self.residual, self.exact = list(producers), list(consumers), residual, exact
+
+
+def c3d_links(model):
+    convs = ['conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b']
+    links = [Link([(a, ['relu'])], [(b, 1)]) for a, b in zip(convs, convs[1:])]
+    per_channel = model.fc6.in_features // model.conv5b.out_channels    # fc6 reads the flattened pool5
+    links.append(Link([('conv5b', ['relu'])], [('fc6', per_channel)]))
+    links += [Link([('fc6', ['relu'])], [('fc7', 1)]), Link([('fc7', ['relu'])], [('fc8', 1)])]
+    return links
+
+
+def r2plus1d_links(model):
+    links = [Link([('stem.0', ['stem.1', 'relu'])], [('stem.3', 1)]), Link([('stem.3', ['stem.4'])], residual=True)]
+    for layer in ('layer1', 'layer2', 'layer3', 'layer4'):
+        for i, block in enumerate(getattr(model, layer)):
+            b = f'{layer}.{i}'
+            links += [Link([(f'{b}.conv1.0.0', [f'{b}.conv1.0.1', 'relu'])], [(f'{b}.conv1.0.3', 1)]),
+                      Link([(f'{b}.conv1.0.3', [f'{b}.conv1.1', 'relu'])], [(f'{b}.conv2.0.0', 1)]),
+                      Link([(f'{b}.conv2.0.0', [f'{b}.conv2.0.1', 'relu'])], [(f'{b}.conv2.0.3', 1)]),
+                      Link([(f'{b}.conv2.0.3', [f'{b}.conv2.1'])], residual=True)]
+            if block.downsample is not None:
+                links.append(Link([(f'{b}.downsample.0', [f'{b}.downsample.1'])], residual=True))
+    return links
+
+
+def s3d_links(model):
+    def out_of(unit, name):     # the conv making a BasicConv3d's or STConv3d's output, with its post-ops
+        if hasattr(unit, 'conv_t'):
+            return (f'{name}.conv_t', [f'{name}.bn_t', 'relu'])
+        return (f'{name}.conv', [f'{name}.bn', 'relu'])
+
+    def inputs_of(name):
+        return [(f'{name}.branch1.conv', 1), (f'{name}.branch2.0.conv', 1), (f'{name}.branch3.0.conv', 1),
+                (f'{name}.branch4.1.conv', 1)]
+
+    def outputs_of(name, block):
+        return [out_of(block.branch1, f'{name}.branch1'), out_of(block.branch2[1], f'{name}.branch2.1'),
+                out_of(block.branch3[1], f'{name}.branch3.1'), out_of(block.branch4[1], f'{name}.branch4.1')]
+
+    def exact(*pools):          # a max pool keeps a constant channel constant; a padded average pool does not
+        return all(isinstance(p, nn.MaxPool3d) or not any(_triple(p.padding)) for p in pools)
+
+    links = [Link([out_of(model.conv1, 'conv1')], [('conv2.conv', 1)], exact=exact(model.pool1)),
+             Link([out_of(model.conv2, 'conv2')], [('conv3.conv', 1)]),
+             Link([('conv3.conv', ['conv3.bn', 'relu'])], [('conv3.conv_t', 1)])]
+    blocks = ['inception3a', 'inception3b', 'inception4a', 'inception4b', 'inception4c', 'inception4d',
+              'inception4e', 'inception5a', 'inception5b']
+    pools_before = {'inception3a': model.pool2, 'inception4a': model.pool3, 'inception5a': model.pool4}
+    previous = [out_of(model.conv3, 'conv3')]
+    for name in blocks:
+        block = getattr(model, name)
+        pools = [pools_before[name]] if name in pools_before else []
+        links.append(Link(previous, inputs_of(name), exact=exact(*pools)))
+        for branch in ('branch2', 'branch3'):
+            links.append(Link([(f'{name}.{branch}.0.conv', [f'{name}.{branch}.0.bn', 'relu'])],
+                              [(f'{name}.{branch}.1.conv', 1)]))
+            links.append(Link([(f'{name}.{branch}.1.conv', [f'{name}.{branch}.1.bn', 'relu'])],
+                              [(f'{name}.{branch}.1.conv_t', 1)]))
+        previous = outputs_of(name, block)
+    links.append(Link(previous, [('fc', 1)]))       # average pooling of a constant is that constant
+    return links
+
+
+LINKS = {'c3d': c3d_links, 'r2+1d': r2plus1d_links, 'r2+1d-pretrained': r2plus1d_links, 's3d': s3d_links}
+
+
+# ----------------------------------------------------------------------------- slimming
+
+def _zero_filters(module):
+    return (module.weight.detach().flatten(1) == 0).all(dim=1)
+
+
+def _constants(model, producer, post_ops):
+    """What each filter's channel holds when the filter is all zeros: post-ops applied to its bias (or 0)."""
+    module = model.get_submodule(producer)
+    n = module.weight.shape[0]
+    v = module.bias.detach().clone() if module.bias is not None else module.weight.new_zeros(n)
+    v = v.view(1, n, 1, 1, 1)
+    for op in post_ops:
+        v = torch.relu(v) if op == 'relu' else model.get_submodule(op)(v)
+    return v.flatten()
+
+
+def _ignored_inputs(model, consumers, n):
+    """Channels (of n) whose input weights are zero in every consumer."""
+    ignored = torch.ones(n, dtype=torch.bool)
+    for name, per_channel in consumers:
+        w = model.get_submodule(name).weight.detach()
+        ignored &= (w.reshape(w.shape[0], n, -1) == 0).all(dim=2).all(dim=0).cpu()
+    return ignored
+
+
+@torch.no_grad()
+def slim_model(model, arch):
+    """A copy of `model` (in eval mode) with every removable channel removed; see the module docstring.
+
+    Outputs equal the eval-mode model's up to float rounding. Returns the new model; its
+    `slim_report` attribute lists, per producing layer, the channels kept and removed.
+    """
+    if arch not in LINKS:
+        raise ValueError(f"slim_model knows {', '.join(LINKS)}; got arch {arch!r}")
+    model = copy.deepcopy(model).eval()
+    out_keep, in_keep, in_const = {}, {}, {}     # layer -> kept outputs; kept inputs; (removed inputs, constants)
+    bn_keep, expand = {}, {}
+    report = {}
+    for link in LINKS[arch](model):
+        widths = [model.get_submodule(p).weight.shape[0] for p, _ in link.producers]
+        total = sum(widths)
+        zero = torch.cat([_zero_filters(model.get_submodule(p)).cpu() for p, _ in link.producers])
+        const = torch.cat([_constants(model, p, ops).cpu() for p, ops in link.producers])
+        removable = zero if link.exact else zero & (const == 0)
+        if not link.residual:
+            ignored = _ignored_inputs(model, link.consumers, total)
+            removable = removable | ignored
+            const = torch.where(ignored & ~zero, torch.zeros_like(const), const)   # read by nobody: no constant
+        offset = 0
+        kept_all = []
+        for (producer, ops), width in zip(link.producers, widths):
+            gone = removable[offset:offset + width]
+            if bool(gone.all()):
+                gone = gone.clone()
+                gone[0] = False          # a layer keeps at least one channel (its weights may be zero)
+            keep = torch.nonzero(~gone).flatten()
+            out_keep[producer] = keep
+            for op in ops:
+                if op != 'relu':
+                    bn_keep[op] = keep
+            if link.residual:
+                expand[ops[0]] = (keep, torch.nonzero(gone).flatten(), const[offset:offset + width][gone], width)
+            kept_all.append(keep + offset)
+            report[producer] = {'channels': width, 'kept': len(keep)}
+            offset += width
+        kept_all = torch.cat(kept_all)
+        removed = torch.ones(total, dtype=torch.bool)
+        removed[kept_all] = False
+        for consumer, per_channel in link.consumers:
+            expand_idx = lambda idx, m=per_channel: (idx[:, None] * m + torch.arange(m)).flatten()  # noqa: E731
+            in_keep[consumer] = expand_idx(kept_all)
+            gone = torch.nonzero(removed).flatten()
+            in_const[consumer] = (expand_idx(gone), const[gone].repeat_interleave(per_channel))
+    for name in set(out_keep) | set(in_keep):
+        _replace_layer(model, name, out_keep.get(name), in_keep.get(name), in_const.get(name))
+    for name, keep in bn_keep.items():
+        _replace_batchnorm(model, name, keep, expand.get(name))
+    model.slim_report = report
+    return model
+
+
+def _replace_layer(model, name, out_idx, in_idx, const):
+    old = model.get_submodule(name)
+    w = old.weight.detach()
+    b = old.bias.detach() if old.bias is not None else None
+    extra = None                                        # the removed constant inputs' weights, times the constants
+    if const is not None and len(const[0]) and bool((const[1] != 0).any()):
+        removed, values = const
+        extra = torch.einsum('oj...,j->o...', w[:, removed], values.to(w.dtype))
+        if not bool((extra != 0).any()):
+            extra = None
+    if in_idx is not None:
+        w = w[:, in_idx]
+    if out_idx is not None:
+        w, b = w[out_idx], (b[out_idx] if b is not None else None)
+        extra = extra[out_idx] if extra is not None else None
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None or extra is not None)
+        bias = (b if b is not None else w.new_zeros(w.shape[0])) + (extra if extra is not None else 0)
+    else:
+        padded = any(_triple(old.padding))
+        cls = SlimConv3d if extra is not None and padded else nn.Conv3d
+        folded = extra is not None and not padded       # no padding: every output sees every kernel position
+        new = cls(w.shape[1], w.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
+                  bias=b is not None or folded)
+        bias = b
+        if folded:
+            bias = (b if b is not None else w.new_zeros(w.shape[0])) + extra.flatten(1).sum(dim=1)
+        if cls is SlimConv3d:
+            new.const_weight.copy_(extra.unsqueeze(1))
+    new = new.to(w.device, w.dtype)
+    new.weight.copy_(w)
+    if new.bias is not None:
+        new.bias.copy_(bias)
+    _set_module(model, name, new)
+
+
+def _replace_batchnorm(model, name, keep, expand):
+    old = model.get_submodule(name)
+    if expand is None:
+        new = nn.BatchNorm3d(len(keep), eps=old.eps, momentum=old.momentum)
+    else:
+        _, removed, fill, full = expand
+        new = BatchNormExpand(len(keep), full, eps=old.eps, momentum=old.momentum)
+        new.index.copy_(torch.argsort(torch.cat([keep, removed])))
+        new.fill.copy_(fill)
+    new = new.to(old.weight.device, old.weight.dtype)
+    for attr in ('weight', 'bias', 'running_mean', 'running_var'):
+        getattr(new, attr).copy_(getattr(old, attr).detach()[keep.to(old.weight.device)])
+    new.num_batches_tracked.copy_(old.num_batches_tracked)
+    new.eval()
+    _set_module(model, name, new)
+
+
+def _set_module(model, name, module):
+    parent, _, leaf = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def macs(model, clip_shape):
+    """Multiply-accumulates of one forward pass at `clip_shape` (N, 3, T, H, W), counted by PyTorch's
+    FlopCounterMode on a meta-device copy (what actually runs: slim layers, KGS GEMMs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(model).to('meta')
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.empty(clip_shape, device='meta'))
+    return counter.get_total_flops() // 2
+
+
+# ----------------------------------------------------------------------------- files
+
+_CLASSES = {'Conv3d': nn.Conv3d, 'SlimConv3d': SlimConv3d, 'Linear': nn.Linear, 'BatchNorm3d': nn.BatchNorm3d,
+            'BatchNormExpand': BatchNormExpand, 'KGSConv3d': KGSConv3d}
+
+
+def _spec(module):
+    if isinstance(module, KGSConv3d):
+        return module.spec()
+    if isinstance(module, nn.Conv3d):
+        return {'in_channels': module.in_channels, 'out_channels': module.out_channels,
+                'kernel_size': list(module.kernel_size), 'stride': list(module.stride),
+                'padding': list(module.padding), 'dilation': list(module.dilation), 'bias': module.bias is not None}
+    if isinstance(module, nn.Linear):
+        return {'in_features': module.in_features, 'out_features': module.out_features,
+                'bias': module.bias is not None}
+    spec = {'num_features': module.num_features, 'eps': module.eps, 'momentum': module.momentum}
+    if isinstance(module, BatchNormExpand):
+        spec['full_features'] = module.full_features
+    return spec
+
+
+def save_model(model, path, arch, num_classes, **build_kwargs):
+    """Write a model rebuilt by `slim_model` and/or `sparse_exec` (or a plain one) without pickle: the
+    architecture, the constructor arguments of every layer that differs from `build_model(arch, ...)`,
+    and the state dict. `build_kwargs` are what `build_model` needs again (num_frames, crop_size)."""
+    reference = dict(build_model(arch, num_classes, pretrained=False, **build_kwargs).named_modules())
+    layers = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ not in _CLASSES:
+            continue
+        spec = _spec(module)
+        ref = reference.get(name)
+        if ref is None or type(ref) is not type(module) or _spec(ref) != spec:
+            layers[name] = {'class': type(module).__name__, 'args': spec}
+    torch.save({'format': FORMAT, 'version': VERSION, 'arch': arch, 'num_classes': num_classes,
+                'build': dict(build_kwargs), 'layers': layers,
+                'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def load_model(path, device='cpu'):
+    """The model a `save_model` file holds, in eval mode."""
+    data = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(data, dict) or data.get('format') != FORMAT:
+        raise ValueError(f"{path} is not a model file written by models.slim.save_model")
+    if data['version'] > VERSION:
+        raise ValueError(f"{path} is model format version {data['version']}; this code reads up to {VERSION}")
+    model = build_model(data['arch'], data['num_classes'], pretrained=False, **data['build'])
+    for name, layer in data['layers'].items():
+        if layer['class'] not in _CLASSES:
+            raise ValueError(f"{path}: layer {name} has unknown class {layer['class']!r}")
+        _set_module(model, name, _CLASSES[layer['class']](**layer['args']))
+    model.load_state_dict(data['state_dict'])
+    return model.to(device).eval()

@@ -1,0 +1,154 @@
+"""Slim models: removing filter-pruned channels keeps every architecture's outputs (eval mode), with
+the constants that pruned channels still carry (biases, BatchNorm shifts) added back exactly."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import admm
+from models import build_model
+from models.slim import BatchNormExpand, SlimConv3d, load_model, macs, save_model, slim_model
+
+CLIPS = {'c3d': (2, 3, 16, 32, 32), 'r2+1d': (2, 3, 8, 32, 32), 's3d': (1, 3, 8, 64, 64)}
+PROFILES = {'c3d': 'c3d_3.57x', 'r2+1d': 'r2+1d-pretrained_3.20x', 's3d': 's3d_2.09x'}
+
+
+def assert_same(y, ref):
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def trained_looking(model, seed=0):
+    """Non-zero biases and BatchNorm statistics, so pruned channels carry constants as after training."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.5)
+            elif isinstance(m, (nn.Conv3d, nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def models():
+    torch.manual_seed(0)
+    built = {}
+    for arch in CLIPS:
+        model = trained_looking(build_model(arch, 5, **({'crop_size': 32} if arch == 'c3d' else {})))
+        admm.hard_prune(model, admm.load_profile(PROFILES[arch], model), 'filter')
+        built[arch] = model
+    return built
+
+
+@pytest.mark.parametrize('arch', list(CLIPS))
+def test_slim_model_equals_the_masked_model_with_fewer_macs_and_parameters(models, arch):
+    model = models[arch]
+    slim = slim_model(model, arch)
+    x = torch.randn(CLIPS[arch])
+    with torch.no_grad():
+        assert_same(slim(x), model(x))
+    assert macs(slim, CLIPS[arch]) < 0.6 * macs(model, CLIPS[arch])
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_constants_of_pruned_channels_are_added_back_at_the_borders(models):
+    slim = slim_model(models['c3d'], 'c3d')
+    corrected = [m for m in slim.modules() if isinstance(m, SlimConv3d)]
+    assert corrected and all(m.const_weight.abs().sum() > 0 for m in corrected)
+    # The classifier takes the constants of removed pool5 channels in its bias.
+    assert slim.fc6.in_features < models['c3d'].fc6.in_features
+
+
+def test_r2plus1d_residual_streams_keep_their_width(models):
+    slim = slim_model(models['r2+1d'], 'r2+1d')
+    bn = slim.get_submodule('layer1.0.conv2.1')
+    assert isinstance(bn, BatchNormExpand) and bn.full_features == 64 and bn.num_features < 64
+    assert slim.fc.in_features == 512
+    assert slim.get_submodule('layer1.0.conv1.0.3').in_channels < models['r2+1d'].get_submodule(
+        'layer1.0.conv1.0.3').in_channels
+
+
+def test_s3d_concatenations_are_sliced_per_branch(models):
+    model, slim = models['s3d'], slim_model(models['s3d'], 's3d')
+    full = model.inception4a.branch1.conv.in_channels
+    kept = slim.inception4a.branch1.conv.in_channels
+    assert kept < full
+    assert all(slim.get_submodule(f'inception4a.{b}').in_channels == kept
+               for b in ('branch2.0.conv', 'branch3.0.conv', 'branch4.1.conv'))
+
+
+def test_channels_no_consumer_reads_are_removed_too():
+    torch.manual_seed(0)
+    model = trained_looking(build_model('c3d', 5, crop_size=32))
+    with torch.no_grad():
+        model.conv3a.weight[:, 5:9] = 0                 # conv2's channels 5-8 feed nothing
+    slim = slim_model(model, 'c3d')
+    assert slim.conv2.out_channels == 124 and slim.conv3a.in_channels == 124
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        assert_same(slim(x), model(x))
+
+
+def test_a_layer_with_every_filter_pruned_keeps_one_channel():
+    torch.manual_seed(0)
+    model = trained_looking(build_model('c3d', 5, crop_size=32))
+    with torch.no_grad():
+        model.conv4a.weight.zero_()
+    slim = slim_model(model, 'c3d')
+    assert slim.conv4a.out_channels == 1
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        assert_same(slim(x), model(x))
+
+
+def test_average_pooling_keeps_channels_whose_constant_it_would_blur():
+    torch.manual_seed(0)
+    model = trained_looking(build_model('s3d', 5, pooling_method='avg'))
+    with torch.no_grad():
+        model.conv1.conv.weight[:8] = 0                 # constants that pool1 (avg, padded) would change
+    slim = slim_model(model, 's3d')
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        assert_same(slim(x), model(x))
+
+
+def test_saved_slim_model_loads_without_pickle(tmp_path, models):
+    slim = slim_model(models['r2+1d'], 'r2+1d')
+    save_model(slim, tmp_path / 's.pt', 'r2+1d', 5)
+    torch.load(tmp_path / 's.pt', weights_only=True)
+    loaded = load_model(tmp_path / 's.pt')
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slim(x))
+
+
+def test_a_file_of_another_kind_is_refused(tmp_path):
+    torch.save({'format': 'something else'}, tmp_path / 'x.pt')
+    with pytest.raises(ValueError, match='not a model file'):
+        load_model(tmp_path / 'x.pt')
+
+
+def test_unknown_architecture_is_refused(models):
+    with pytest.raises(ValueError, match='slim_model knows'):
+        slim_model(models['c3d'], 'resnet50')
+
+
+def test_slim_model_leaves_the_original_untouched(models):
+    before = copy.deepcopy(models['c3d'].state_dict())
+    slim_model(models['c3d'], 'c3d')
+    assert all(torch.equal(v, before[k]) for k, v in models['c3d'].state_dict().items())
+
+
+def test_onnx_file_of_a_slim_model_runs_like_pytorch(tmp_path, models):
+    ort = pytest.importorskip('onnxruntime')
+    from models.compact import export_onnx
+    slim = slim_model(models['r2+1d'], 'r2+1d')
+    x = torch.randn(1, 3, 8, 32, 32)
+    export_onnx(slim, str(tmp_path / 's.onnx'), tuple(x.shape))
+    session = ort.InferenceSession(str(tmp_path / 's.onnx'), providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        assert_same(torch.from_numpy(session.run(None, {'clip': x.numpy()})[0]), slim(x))
