@@ -3,13 +3,17 @@ retraining, for several sparsity types, on the synthetic action sets.
 
     python bench/bench_quality.py --root /tmp/quality [--presets camera handheld]
         [--types blk-kgs blk-vanilla kgr kgc] [--methods admm rew oneshot] [--config-file c3d_3.57x]
+        [--block-sizes 8x4 32x8 all] [--speed]
 
 For each preset: writes the dataset (dataset/make_synthetic.py: 160 training and 30 test videos
 per class; extract_videos.py --short-side 24; create_lmdb.py) unless `{root}/{preset}/data` holds
 one, trains one dense C3D baseline, then for every type and method prunes it to the same profile
 and retrains it with the same recipe. All phases run through `opt_main.main`, in this process.
 Prints one table per preset (best validation top-1, the original's model selection) and writes
-them to `{root}/quality.md`.
+them to `{root}/quality.md`. With several `--block-sizes` the block types run at each (`all`: one
+block row of all filters, gM = 512 for C3D); `--speed` adds the measured CPU speedup of each pruned
+model's kept pattern at the real clip size (bench_speedup.checkpoint_speedup: its conv weights in
+a 16x112x112 C3D, dense conv3d vs models.sparse_conv.sparse_exec, batch 1, medians of 5).
 """
 import argparse
 import glob
@@ -22,8 +26,27 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
+from bench_speedup import checkpoint_speedup  # noqa: E402
+
+import admm  # noqa: E402
 import opt_main  # noqa: E402
 import profile_flops  # noqa: E402
+
+C3D_WIDEST = 512         # `all`: blocks of 512 filters are one block row in every C3D layer
+
+
+def block_size(text):
+    if text == 'all':
+        return (C3D_WIDEST, 4)
+    try:
+        gm, gn = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size {text!r}: write GMxGN (e.g. 8x4) or 'all'") from None
+    return gm, gn
+
+
+def block_label(block):
+    return 'all' if block[0] == C3D_WIDEST else f'{block[0]}x{block[1]}'
 
 
 def prepare(data, preset, python):
@@ -54,6 +77,9 @@ def main():
     p.add_argument('--prune-epochs', type=int, default=3, help='per ADMM stage (2 stages); --rew trains twice as long')
     p.add_argument('--retrain-epochs', type=int, default=5)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--block-sizes', nargs='+', type=block_size, default=[(8, 4)],
+                   help="blocks for the block types, GMxGN or all (one block row of all filters)")
+    p.add_argument('--speed', action='store_true', help='add the measured CPU speedup (16x112x112, batch 1)')
     p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more opt_main.py options for every phase')
     args = p.parse_args()
 
@@ -75,14 +101,18 @@ def main():
             ['--baseline', '--epochs', str(args.baseline_epochs), '--lr-scheduler', 'multistep',
              '--data_location', data, '--ckpt-root', base_root, *common])
         rows = {}
-        for kind in args.types:
+        configs = [(kind, block) for kind in args.types
+                   for block in (args.block_sizes if kind in admm.BLOCK_TYPES else args.block_sizes[:1])]
+        for kind, block in configs:
             for method in args.methods:
-                ckpt = os.path.join(folder, kind, method)
+                name = kind if len(args.block_sizes) == 1 else f'{kind}-{block_label(block)}'
+                ckpt = os.path.join(folder, name, method)
                 shutil.rmtree(ckpt, ignore_errors=True)
                 os.makedirs(ckpt)
                 shutil.copy(baseline, ckpt)               # the start of --admm / --rew
                 prune = ['--config-file', args.config_file, '--sparsity-type', kind, '--rho', '0.001',
-                         '--rho-num', '2', '--data_location', data, '--ckpt-root', ckpt, *common]
+                         '--rho-num', '2', '--connectivity-block-size', *map(str, block), '--data_location', data,
+                         '--ckpt-root', ckpt, *common]
                 if method == 'admm':
                     opt_main.main(['--admm', '--epochs', str(args.prune_epochs), '--admm-epochs', '1', *prune])
                 elif method == 'rew':
@@ -91,16 +121,23 @@ def main():
                                    '--lr-scheduler', 'multistep', *prune])
                 final = opt_main.main([*retrain, *prune, *(['--load-path', baseline] if method == 'oneshot' else [])])
                 report = profile_flops.profile(_loaded(final, args.crop_size), 16, args.crop_size)
-                rows[(kind, method)] = (top1_of(final), report['flops_reduction'])
-                print(f"ROW {preset} {kind} {method}: top-1 {rows[(kind, method)][0]:.1f} %, "
-                      f"{report['flops_reduction']:.2f}x fewer FLOPs ({time.time() - start:.0f} s)", flush=True)
+                speed = checkpoint_speedup(final, block, 5) if args.speed and method == args.methods[0] else None
+                rows[(kind, block, method)] = (top1_of(final), report['flops_reduction'], speed)
+                print(f"ROW {preset} {name} {method}: top-1 {top1_of(final):.1f} %, "
+                      f"{report['flops_reduction']:.2f}x fewer FLOPs"
+                      + (f", CPU {speed[0] / speed[1]:.2f}x faster ({speed[0] * 1e3:.0f} -> {speed[1] * 1e3:.0f} ms)"
+                         if speed else '') + f" ({time.time() - start:.0f} s)", flush=True)
+        speed_head = ' CPU speedup, 16x112x112 batch 1 |' if args.speed else ''
         lines = [f"### {preset}: baseline top-1 {top1_of(baseline):.1f} %, C3D 16x{args.crop_size}x{args.crop_size}, "
                  f"profile {args.config_file} ({time.time() - start:.0f} s)", '',
-                 '| type | FLOPs reduction | ' + ' | '.join(args.methods) + ' |',
-                 '|---|---|' + '---|' * len(args.methods)]
-        for kind in args.types:
-            cells = [f"{rows[(kind, m)][0]:.1f}" for m in args.methods]
-            lines.append(f"| {kind} | {rows[(kind, args.methods[0])][1]:.2f}x | " + ' | '.join(cells) + ' |')
+                 '| type | block | FLOPs reduction | ' + ' | '.join(args.methods) + ' |' + speed_head,
+                 '|---|---|---|' + '---|' * (len(args.methods) + bool(args.speed))]
+        for kind, block in configs:
+            first = rows[(kind, block, args.methods[0])]
+            cells = [f"{rows[(kind, block, m)][0]:.1f}" for m in args.methods]
+            speed = [f"{first[2][0] / first[2][1]:.2f}x"] if args.speed else []
+            label = block_label(block) if kind in admm.BLOCK_TYPES else '-'
+            lines.append(f"| {kind} | {label} | {first[1]:.2f}x | " + ' | '.join(cells + speed) + ' |')
         tables.append('\n'.join(lines))
         print('\n' + tables[-1] + '\n', flush=True)
     with open(os.path.join(args.root, 'quality.md'), 'w') as f:
