@@ -445,25 +445,43 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the clips are and how they are cut and batched, read off the command line once."""
+    root: str                      # {data_location}/{dataset}_frame
+    dataset: str
+    num_frames: int
+    crop: int
+    scale: tuple
+    temporal_jitter: bool
+    batch_size: int
+    test_batch_size: int
+    workers: int
+    seed: int
+    num_classes: int | None        # None: 101 / 51 for ucf101 / hmdb51, else from the list files
+
+
 @dataclasses.dataclass
 class Data:
     train: DataLoader | None
     val: DataLoader
     classes: int
+    notes: list
 
     def set_epoch(self, seed):
         self.train.sampler.set_epoch(seed)
 
 
 def clip_dataset(root, split, is_train, num_frames, crop, scale, temporal_jitter):
-    """`{root}/{split}.lmdb` with `{split}.txt`, else the frame folders under `root`."""
+    """`{root}/{split}.lmdb` with `{split}.txt`, else the frame folders under `root`. Clips come
+    as uint8 (a quarter of the bytes between processes); `to_device` normalises them."""
     from dataset import VideoDataSet, VideoDataSetLMDB, get_augmentor
     list_file = os.path.join(root, f"{split}.txt")
     if not os.path.isfile(list_file):
         raise UserError(f"list file {list_file} not found. Prepare the data first (README, 'Data preparation'): "
                         f"dataset/extract_videos.py writes it, dataset/create_lmdb.py the {split}.lmdb beside it; "
                         f"or point --data_location at the folder holding {os.path.basename(root)}/")
-    transform = get_augmentor(is_train, crop, scale if is_train else (scale[0], scale[0]))
+    transform = get_augmentor(is_train, crop, scale if is_train else (scale[0], scale[0]), uint8=True)
     kw = dict(num_groups=num_frames, transform=transform, is_train=is_train,
               temporal_jitter=is_train and temporal_jitter)
     lmdb_path = os.path.join(root, f"{split}.lmdb")
@@ -479,40 +497,49 @@ def usable_workers(requested, local_world):
     return min(requested, max(1, cores // max(1, local_world)))
 
 
-def make_data(args, env, need_train=True):
+def make_data(spec, env, need_train=True):
     """Datasets and loaders, checked against the model's class count; UserError for any problem."""
-    root = os.path.join(args.data_location, f"{args.dataset}_frame")
-    crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
     splits = ('val', 'train') if need_train else ('val',)
     try:
-        sets = {s: clip_dataset(root, s, s == 'train', args.num_frames, crop, scale, args.temporal_jitter)
-                for s in splits}
+        sets = {s: clip_dataset(spec.root, s, s == 'train', spec.num_frames, spec.crop, spec.scale,
+                                spec.temporal_jitter) for s in splits}
     except (OSError, LookupError, ValueError) as exc:      # dataset.DataError is a ValueError
         raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
-    classes = args.num_classes or KNOWN_CLASSES.get(args.dataset) or max(s.num_classes for s in sets.values())
-    for split, data in sets.items():
+    classes = spec.num_classes or KNOWN_CLASSES.get(spec.dataset) or max(s.num_classes for s in sets.values())
+    for data in sets.values():
         if data.num_classes > classes:
             raise UserError(f"{data.list_file} has labels up to {data.num_classes - 1}, but the model has {classes} "
                             f"classes: pass --num-classes {data.num_classes} (or correct the list file)")
-    workers = usable_workers(args.workers, env.local_world)
-    if workers < args.workers:
-        args.notes.append(f"--workers {args.workers}: using {workers}, the CPU cores this process has")
+    workers = usable_workers(spec.workers, env.local_world)
+    notes = [f"--workers {spec.workers}: using {workers}, the CPU cores this process has"] \
+        if workers < spec.workers else []
+    # Workers live across epochs (each epoch's randomness comes with the indices, SeededClips).
     common = dict(num_workers=workers, pin_memory=env.device.type == 'cuda', persistent_workers=workers > 0)
     val_set = sets['val']
     if env.world > 1:   # each rank a disjoint share, no padding: the summed counts are exact
         val_set = Subset(val_set, range(env.rank, len(val_set), env.world))
-    val = DataLoader(val_set, batch_size=args.test_batch_size or args.batch_size, shuffle=False, **common)
+    val = DataLoader(val_set, batch_size=spec.test_batch_size, shuffle=False, **common)
     if not need_train:
-        return Data(None, val, classes)
+        return Data(None, val, classes, notes)
     train_set = sets['train']
-    order = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=args.seed) \
+    order = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=spec.seed) \
         if env.world > 1 else RandomSampler(train_set, generator=torch.Generator())
-    train = DataLoader(SeededClips(train_set), batch_size=args.batch_size, sampler=SeededSampler(order),
+    train = DataLoader(SeededClips(train_set), batch_size=spec.batch_size, sampler=SeededSampler(order),
                        drop_last=True, **common)
     if len(train) == 0:
-        raise UserError(f"{len(train_set)} training clips make no full batch of {args.batch_size} per process: "
+        raise UserError(f"{len(train_set)} training clips make no full batch of {spec.batch_size} per process: "
                         f"lower --batch-size")
-    return Data(train, val, classes)
+    return Data(train, val, classes, notes)
+
+
+def to_device(clips, device, channels_last=False):
+    """A batch of clips on `device`: uint8 ones (our loaders') normalised there to float32, float
+    ones taken as they are."""
+    from dataset import normalize_clips
+    clips = clips.to(device, non_blocking=True)
+    if clips.dtype == torch.uint8:
+        clips = normalize_clips(clips)
+    return clips.contiguous(memory_format=torch.channels_last_3d) if channels_last else clips
 
 
 # ----------------------------------------------------------------------------- models and optimisation
@@ -667,9 +694,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoc
     for i, (clips, labels) in enumerate(loader):
         if i >= batches:
             break
-        clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if recipe.channels_last:
-            clips = clips.contiguous(memory_format=torch.channels_last_3d)
+        clips, labels = to_device(clips, device, recipe.channels_last), labels.to(device, non_blocking=True)
         if recipe.mixup_alpha > 0:
             lam = float(np.random.beta(recipe.mixup_alpha, recipe.mixup_alpha))
             perm = torch.randperm(clips.shape[0], device=device)
@@ -733,9 +758,7 @@ def evaluate(model, loader, device, max_batches=None, amp_dtype=None, channels_l
     for i, (clips, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last:
-            clips = clips.contiguous(memory_format=torch.channels_last_3d)
+        clips, labels = to_device(clips, device, channels_last), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(clips).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -841,6 +864,15 @@ def fit(model, data, recipe, env, schedule, *, meta, resume_path, best_path=None
 
 # ----------------------------------------------------------------------------- what a run is
 
+
+def data_spec(args):
+    crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
+    return DataSpec(root=os.path.join(args.data_location, f"{args.dataset}_frame"), dataset=args.dataset,
+                    num_frames=args.num_frames, crop=crop, scale=scale, temporal_jitter=args.temporal_jitter,
+                    batch_size=args.batch_size, test_batch_size=args.test_batch_size or args.batch_size,
+                    workers=args.workers, seed=args.seed, num_classes=args.num_classes)
+
+
 def recipe_of(args, env):
     dtype = amp_dtype(args.amp, args.amp_dtype, env.device)
     channels_last = args.channels_last == 'on' or (args.channels_last == 'auto' and env.device.type == 'cuda'
@@ -851,13 +883,12 @@ def recipe_of(args, env):
                   log_interval=args.log_interval, max_batches=args.max_batches, multi_gpu=args.multi_gpu)
 
 
-def run_options(args, phase, classes, rules=(), source=None):
+def run_options(args, spec, phase, classes, rules=(), source=None):
     """The options that define what a run computes: saved in every checkpoint, and compared
     before --resume continues one (workers, logging, paths and precision may change)."""
-    crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
-    o = dict(phase=phase, arch=args.arch, dataset=args.dataset, num_classes=classes, num_frames=args.num_frames,
-             crop_size=crop, scale_size=list(scale), temporal_jitter=args.temporal_jitter,
-             batch_size=args.batch_size, processes=int(os.environ.get('WORLD_SIZE', 1)), epochs=args.epochs,
+    o = dict(phase=phase, arch=args.arch, dataset=args.dataset, num_classes=classes, num_frames=spec.num_frames,
+             crop_size=spec.crop, scale_size=list(spec.scale), temporal_jitter=spec.temporal_jitter,
+             batch_size=spec.batch_size, processes=int(os.environ.get('WORLD_SIZE', 1)), epochs=args.epochs,
              optmzr=args.optmzr, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
              accum_steps=args.accum_steps, seed=args.seed, smooth_eps=args.smooth_eps, alpha=args.alpha,
              distill=args.distill, max_batches=args.max_batches, source=source)
@@ -878,9 +909,8 @@ def run_options(args, phase, classes, rules=(), source=None):
     return json.loads(json.dumps(o))         # plain lists, floats and strings, as a checkpoint reads back
 
 
-def model_meta(args, classes):
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    return {'arch': args.arch, 'num_classes': classes, 'num_frames': args.num_frames, 'crop_size': crop}
+def model_meta(arch, spec, classes):
+    return {'arch': arch, 'num_classes': classes, 'num_frames': spec.num_frames, 'crop_size': spec.crop}
 
 
 def load_rules(config_files, sparsity_types, model, block_size):
@@ -889,8 +919,7 @@ def load_rules(config_files, sparsity_types, model, block_size):
         rules = [(admm.load_profile(c, model), t) for c, t in zip(config_files, sparsity_types)]
         admm.check_block_size({n: p.shape for n, p in model.named_parameters()},
                               [r for r, _ in rules], [t for _, t in rules], block_size)
-        pairs = pruning_args(rules)
-        weight_rules = admm.weight_rules(*pairs)
+        weight_rules = admm.weight_rules(*pruning_args(rules))
         admm.check_rules(admm.prunable_parameters(model, weight_rules), weight_rules, block_size)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise UserError(exc.args[0] if exc.args else str(exc)) from None
@@ -904,25 +933,33 @@ def pruning_args(rules):
     return [r for r, _ in rules], [t for _, t in rules]
 
 
-def make_teacher(args, env, classes):
+def make_teacher(args, spec, env, classes):
+    """(Teacher, its checkpoint) for --distill, else (None, None)."""
     if not args.distill:
-        return None
+        return None, None
     arch = args.teacharch or args.arch
     path = args.teacher_path or find_baseline(args.ckpt_root, args.dataset, arch, args.data_location)
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    model = new_model(arch, classes, args.num_frames, crop, env.device)
+    model = new_model(arch, classes, spec.num_frames, spec.crop, env.device)
     load_into(model, path, arch)
     return Teacher(model, args.temperature, args.kd_coefficient), path
 
 
-def open_board(args, folder, phase):
-    if not args.tensorboard or not is_main():
+def lr_schedule(args):
+    """`schedule(optimizer, steps per epoch)` of --lr-scheduler with --warmup (baseline, retraining)."""
+    warmup = args.warmup_epochs if args.warmup else 0
+    return lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs, steps, warmup,
+                                             args.warmup_lr)
+
+
+def open_board(enabled, folder):
+    """A TensorBoard writer in `folder` (rank 0, with --tensorboard), else None."""
+    if not enabled or not is_main():
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(os.path.join(folder, 'tensorboard', phase))
+    return SummaryWriter(folder)
 
 
 def save_curves(history, stem):
@@ -961,59 +998,56 @@ def finish(files, stem, best):
     return final
 
 
+def begin(args, files, phase, fresh, data, teacher_path):
+    """Everything is checked: lock the run's files (moving an old run directory aside for a fresh
+    run), open the phase's log, say what the command line and the data setup mean."""
+    files.start(fresh)
+    setup_logging(files.log(phase) if is_main() else None)
+    log_command(args)
+    for note in data.notes:
+        log.info(note)
+    files.tidy()
+    if teacher_path:
+        log.info(f"distilling from {teacher_path} (T={args.temperature}, coefficient {args.kd_coefficient})")
+
+
 # ----------------------------------------------------------------------------- phases
 
-def run_baseline(args, env):
-    recipe = recipe_of(args, env)
+def run_baseline(args, env, spec, recipe):
     files = RunFiles.baseline(args.ckpt_root, args.dataset, args.arch)
-    data = make_data(args, env)
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device,
+    data = make_data(spec, env)
+    model = new_model(args.arch, data.classes, spec.num_frames, spec.crop, env.device,
                       pretrained=args.arch == 'r2+1d-pretrained' and not args.load_path)
     if args.load_path:
         load_into(model, args.load_path, args.arch)
-    options = run_options(args, 'baseline', data.classes, source=args.load_path)
+    options = run_options(args, spec, 'baseline', data.classes, source=args.load_path)
     resume = read_resume(files.resume('baseline'), options) if args.resume else None
-    teacher, teacher_path = make_teacher(args, env, data.classes) or (None, None)
+    teacher, teacher_path = make_teacher(args, spec, env, data.classes)
 
-    files.start(fresh=False)
-    setup_logging(files.log('baseline') if is_main() else None)
-    log_command(args)
-    files.tidy()
-    if teacher:
-        log.info(f"distilling from {teacher_path} (T={args.temperature}, coefficient {args.kd_coefficient})")
-    schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs, steps,  # noqa: E731
-                                                 args.warmup_epochs if args.warmup else 0, args.warmup_lr)
+    begin(args, files, 'baseline', False, data, teacher_path)
     stem = files.result('baseline')
-    history, best = fit(model, data, recipe, env, schedule, meta=dict(model_meta(args, data.classes), options=options),
+    history, best = fit(model, data, recipe, env, lr_schedule(args),
+                        meta=dict(model_meta(args.arch, spec, data.classes), options=options),
                         resume_path=files.resume('baseline'), best_path=stem + '.pt', resume=resume, teacher=teacher,
-                        board=open_board(args, args.ckpt_root, files.name))
+                        board=open_board(args.tensorboard, os.path.join(args.ckpt_root, 'tensorboard', files.name)))
     save_curves(history, stem + '_curves')
     final = finish(files, stem, best)
     log.info(f"baseline: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
 
 
-def pruning_setup(args, env, config_files=None):
+def pruning_files(args):
+    return RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
+                            args.connectivity_block_size, args.rho_num, args.distill)
+
+
+def pruning_setup(args, env, spec, config_files):
     """What --admm, --rew and --masked-retrain check before they touch the disk: data, model,
     profiles, teacher. Returns (data, model, rules, teacher, teacher_path)."""
-    data = make_data(args, env)
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device)
-    rules = load_rules(config_files or args.config_file, args.sparsity_type, model,
-                       tuple(args.connectivity_block_size))
-    teacher, teacher_path = make_teacher(args, env, data.classes) or (None, None)
-    return data, model, rules, teacher, teacher_path
-
-
-def begin_pruning_run(args, files, phase, fresh, teacher_path):
-    """Lock the run directory (moving an old one aside for a fresh run), open the phase's log."""
-    files.start(fresh)
-    setup_logging(files.log(phase) if is_main() else None)
-    log_command(args)
-    files.tidy()
-    if teacher_path:
-        log.info(f"distilling from {teacher_path} (T={args.temperature}, coefficient {args.kd_coefficient})")
+    data = make_data(spec, env)
+    model = new_model(args.arch, data.classes, spec.num_frames, spec.crop, env.device)
+    rules = load_rules(config_files, args.sparsity_type, model, tuple(args.connectivity_block_size))
+    return (data, model, rules, *make_teacher(args, spec, env, data.classes))
 
 
 def copy_profiles(config_files, files):
@@ -1022,23 +1056,27 @@ def copy_profiles(config_files, files):
             shutil.copyfile(admm.resolve_profile_path(source), copy)
 
 
-def run_admm(args, env):
-    recipe = recipe_of(args, env)
-    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
-                             args.connectivity_block_size, args.rho_num, args.distill)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env)
+def keep_zeros(model):
+    masks = admm.Masks(model, weights_only=True)
+    log.info(f"--combine-progressive: keeping the zeros of {len(masks)} weights")
+    return masks
+
+
+def run_admm(args, env, spec, recipe):
+    files = pruning_files(args)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, args.config_file)
     rhos = [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
     source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
-    options = run_options(args, 'admm', data.classes, rules, source)
+    options = run_options(args, spec, 'admm', data.classes, rules, source)
     resume = read_resume(files.resume('admm'), options) if args.resume else None
     if resume is None:
         load_into(model, source, args.arch)
 
-    begin_pruning_run(args, files, 'admm', fresh=resume is None, teacher_path=teacher_path)
+    begin(args, files, 'admm', resume is None, data, teacher_path)
     if resume is None:
         copy_profiles(args.config_file, files)
     ratios, types = pruning_args(rules)
-    board = open_board(args, files.dir, 'admm')
+    board = open_board(args.tensorboard, os.path.join(files.dir, 'tensorboard', 'admm'))
     schedule = lambda opt, steps: epoch_scheduler(opt, lambda e: admm_lr_factor(e, args.admm_epochs),  # noqa: E731
                                                   steps)
     first = resume['stage'] if resume else 0
@@ -1053,7 +1091,7 @@ def run_admm(args, env):
         state = admm.ADMM(model, ratios, rho, types, tuple(args.connectivity_block_size),
                           penalty=args.admm_penalty, update_every=args.admm_epochs)
         masks = keep_zeros(model) if args.combine_progressive else None
-        meta = dict(model_meta(args, data.classes), options=options, stage=stage, rho=rho)
+        meta = dict(model_meta(args.arch, spec, data.classes), options=options, stage=stage, rho=rho)
         history, _ = fit(wrapped, data, recipe, env, schedule, meta=meta, resume_path=files.resume('admm'),
                          resume=resume if stage == first else None, stage=stage, regulariser=state, masks=masks,
                          teacher=teacher, board=board)
@@ -1062,12 +1100,6 @@ def run_admm(args, env):
         log.info(f"stage {stage + 1} done: saved {files.stage(rho)}")
     save_curves(stage_histories(files, rhos), files.path(f"{files.name}_admm_curves"))
     return files.stage(rhos[-1])
-
-
-def keep_zeros(model):
-    masks = admm.Masks(model, weights_only=True)
-    log.info(f"--combine-progressive: keeping the zeros of {len(masks)} weights")
-    return masks
 
 
 def stage_histories(files, rhos):
@@ -1080,20 +1112,18 @@ def stage_histories(files, rhos):
     return history or {'val_top1': []}
 
 
-def run_rew(args, env):
+def run_rew(args, env, spec, recipe):
     """Reweighted group regularisation (the follow-up's): task loss + penalty / profiles *
     sum_g alpha_g ||w_g||, alpha recomputed after each --rew-milestones epoch."""
-    recipe = recipe_of(args, env)
-    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
-                             args.connectivity_block_size, args.rho_num, args.distill)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env)
+    files = pruning_files(args)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, args.config_file)
     source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
-    options = run_options(args, 'rew', data.classes, rules, source)
+    options = run_options(args, spec, 'rew', data.classes, rules, source)
     resume = read_resume(files.resume('rew'), options) if args.resume else None
     if resume is None:
         load_into(model, source, args.arch)
 
-    begin_pruning_run(args, files, 'rew', fresh=resume is None, teacher_path=teacher_path)
+    begin(args, files, 'rew', resume is None, data, teacher_path)
     if resume is None:
         copy_profiles(args.config_file, files)
         log.info(f"reweighted regularisation from {source}: penalty {args.penalty:g}, eps {args.rew_eps:g}, "
@@ -1101,16 +1131,13 @@ def run_rew(args, env):
     ratios, types = pruning_args(rules)
     reg = admm.Reweighted(model, ratios, args.penalty, types, tuple(args.connectivity_block_size), eps=args.rew_eps,
                           milestones=args.rew_milestones)
-    if args.rew_lr == 'follow-up':
-        schedule = lambda opt, steps: epoch_scheduler(  # noqa: E731
-            opt, lambda e: rew_lr_factor(e, set(args.rew_milestones)), steps)
-    else:
-        schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs,  # noqa: E731
-                                                     steps, args.warmup_epochs if args.warmup else 0, args.warmup_lr)
-    meta = dict(model_meta(args, data.classes), options=options)
+    milestones = set(args.rew_milestones)
+    schedule = lr_schedule(args) if args.rew_lr == 'scheduler' else \
+        lambda opt, steps: epoch_scheduler(opt, lambda e: rew_lr_factor(e, milestones), steps)
+    meta = dict(model_meta(args.arch, spec, data.classes), options=options)
     history, _ = fit(model, data, recipe, env, schedule, meta=meta, resume_path=files.resume('rew'), resume=resume,
                      regulariser=reg, masks=keep_zeros(model) if args.combine_progressive else None,
-                     teacher=teacher, board=open_board(args, files.dir, 'rew'))
+                     teacher=teacher, board=open_board(args.tensorboard, os.path.join(files.dir, 'tensorboard', 'rew')))
     atomic_save(dict(meta, state_dict=model.state_dict(), epoch=args.epochs, top1=history['val_top1'][-1],
                      history=history, rew=reg.state_dict()), files.rew)
     save_curves(history, files.path(f"{files.name}_rew_curves"))
@@ -1118,29 +1145,28 @@ def run_rew(args, env):
     return files.rew
 
 
-def retrain_source(args, files):
+def retrain_source(load_path, retrain_from, files, last_rho):
     """(model to hard-prune, method naming the result): --load-path (one-shot pruning), else the
     last ADMM stage or the --rew model (--retrain-from; auto takes whichever is newer)."""
-    if args.load_path:
-        return args.load_path, 'oneshot'
-    last_stage = files.stage(float(f"{args.rho * 10 ** (args.rho_num - 1):.6g}"))
-    choices = {'admm': last_stage, 'rew': files.rew}
-    if args.retrain_from != 'auto':
-        return choices[args.retrain_from], args.retrain_from
+    if load_path:
+        return load_path, 'oneshot'
+    choices = {'admm': files.stage(last_rho), 'rew': files.rew}
+    if retrain_from != 'auto':
+        return choices[retrain_from], retrain_from
     present = sorted((os.path.getmtime(f), m) for m, f in choices.items() if os.path.isfile(f))
     method = present[-1][1] if present else 'admm'
     return choices[method], method
 
 
-def run_retrain(args, env):
-    recipe = recipe_of(args, env)
-    files = RunFiles.pruning(args.ckpt_root, args.dataset, args.arch, args.sparsity_type,
-                             args.connectivity_block_size, args.rho_num, args.distill)
-    source, method = retrain_source(args, files)
+def run_retrain(args, env, spec, recipe):
+    files = pruning_files(args)
+    source, method = retrain_source(args.load_path, args.retrain_from, files,
+                                    float(f"{args.rho * 10 ** (args.rho_num - 1):.6g}"))
     stem = files.result(method)
     copies = method != 'oneshot' and all(os.path.isfile(p) for p in files.profiles)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env, files.profiles if copies else None)
-    options = run_options(args, 'masked_retrain', data.classes, rules, source)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec,
+                                                               files.profiles if copies else args.config_file)
+    options = run_options(args, spec, 'masked_retrain', data.classes, rules, source)
     resume = read_resume(stem + '_last.pt', options) if args.resume else None
     if resume is None:
         if not os.path.isfile(source):
@@ -1149,7 +1175,7 @@ def run_retrain(args, env):
                             f"or pass --load-path MODEL for one-shot pruning of a trained model")
         load_into(model, source, args.arch)
 
-    begin_pruning_run(args, files, 'retrain', fresh=False, teacher_path=teacher_path)
+    begin(args, files, 'retrain', False, data, teacher_path)
     if copies:
         log.info(f"profile: {', '.join(files.profiles)} (the copy the pruning phase saved)")
     if resume is None:
@@ -1165,11 +1191,11 @@ def run_retrain(args, env):
     masks = admm.Masks(model)
     check_same_on_all_ranks(masks.masks, 'pruning masks')
     log.info(f"masks on {len(masks)} parameters" + (f", identical on {env.world} processes" if env.world > 1 else ""))
-    schedule = lambda opt, steps: make_scheduler(opt, args.lr_scheduler, args.lr, args.epochs, steps,  # noqa: E731
-                                                 args.warmup_epochs if args.warmup else 0, args.warmup_lr)
-    history, best = fit(model, data, recipe, env, schedule, meta=dict(model_meta(args, data.classes), options=options),
+    history, best = fit(model, data, recipe, env, lr_schedule(args),
+                        meta=dict(model_meta(args.arch, spec, data.classes), options=options),
                         resume_path=stem + '_last.pt', best_path=stem + '.pt', resume=resume, masks=masks,
-                        teacher=teacher, board=open_board(args, files.dir, 'retrain'))
+                        teacher=teacher, board=open_board(args.tensorboard, os.path.join(files.dir, 'tensorboard',
+                                                                                         'retrain')))
     save_curves(history, stem + '_curves')
     profiled = {n for r, _ in rules for n in r}
     for name, zeros in admm.sparsity_report(model, profiled).items():
@@ -1179,7 +1205,7 @@ def run_retrain(args, env):
     return final
 
 
-def run_export(args, env):
+def run_export(args, env, spec, recipe):
     """A checkpoint in compact form (kept groups and their index), and optionally ONNX."""
     from models.compact import export_onnx, load_compact, save_compact
     out = args.export_out or (args.export[:-3] if args.export.endswith('.pt') else args.export) + '.compact.pt'
@@ -1192,9 +1218,8 @@ def run_export(args, env):
             raise UserError(f"{path} exists: choose another --export-out, or pass --force to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"folder {os.path.dirname(os.path.abspath(out))} of --export-out does not exist: create it")
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    classes = args.num_classes or KNOWN_CLASSES.get(args.dataset, 101)
-    model = new_model(args.arch, classes, args.num_frames, crop, torch.device('cpu'))
+    model = new_model(args.arch, spec.num_classes or KNOWN_CLASSES.get(args.dataset, 101), spec.num_frames,
+                      spec.crop, torch.device('cpu'))
     load_into(model, args.export, args.arch)
     state = model.state_dict()
     types = list(dict.fromkeys(args.sparsity_type + ['irregular']))
@@ -1212,22 +1237,21 @@ def run_export(args, env):
              f"{os.path.getsize(out) / 2**20:.1f} MiB ({len(compact)} weights stored compactly; "
              f"models.compact.load_compact reads it back)")
     if args.onnx:
-        export_onnx(model, onnx_path, (1, 3, args.num_frames, crop, crop))
+        export_onnx(model, onnx_path, (1, 3, spec.num_frames, spec.crop, spec.crop))
         log.info(f"wrote {onnx_path} ({os.path.getsize(onnx_path) / 2**20:.1f} MiB) for clips of "
-                 f"1x3x{args.num_frames}x{crop}x{crop}")
+                 f"1x3x{spec.num_frames}x{spec.crop}x{spec.crop}")
     return out
 
 
-def run_evaluate(args, env):
+def run_evaluate(args, env, spec, recipe):
     import profile_flops
     path = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
-    data = make_data(args, env, need_train=False)
-    crop, _ = geometry(args.arch, args.crop_size, args.scale_size)
-    model = new_model(args.arch, data.classes, args.num_frames, crop, env.device)
+    data = make_data(spec, env, need_train=False)
+    model = new_model(args.arch, data.classes, spec.num_frames, spec.crop, env.device)
     meta = load_into(model, path, args.arch)
-    dtype = amp_dtype(args.amp, args.amp_dtype, env.device)
-    top1, top5, loss = evaluate(wrap(model, env, args.multi_gpu), data.val, env.device, args.max_batches, dtype)
-    report = profile_flops.profile(model.cpu(), args.num_frames, crop)
+    top1, top5, loss = evaluate(wrap(model, env, args.multi_gpu), data.val, env.device, args.max_batches,
+                                recipe.amp_dtype)
+    report = profile_flops.profile(model.cpu(), spec.num_frames, spec.crop)
     for row in report['layers']:
         if row['density'] < 1:
             log.info(f"  {row['name']:<32} density {row['density']:.3f}")
@@ -1253,7 +1277,7 @@ def main(argv=None):
     setup_logging()
     seed_everything(args.seed, 0, 0)        # the initial weights of a model trained from scratch
     try:
-        return PHASES[args.phase](args, env)
+        return PHASES[args.phase](args, env, data_spec(args), recipe_of(args, env))
     except (UserError, TrainingDiverged) as exc:
         log.error(f"error: {exc}")
         sys.exit(1)
