@@ -466,7 +466,7 @@ class Data:
     train: DataLoader | None
     val: DataLoader
     classes: int
-    notes: list
+    notes: list                    # what the run's log says once it is open
 
     def set_epoch(self, seed):
         self.train.sampler.set_epoch(seed)
@@ -549,6 +549,18 @@ def new_model(arch, classes, num_frames, crop, device, pretrained=False):
         return build_model(arch, classes, num_frames=num_frames, crop_size=crop, pretrained=pretrained).to(device)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+
+
+def guard_bf16(model, amp, spec, device):
+    """Under bf16 autocast on the CPU, run in float32 the 3D convolutions whose bf16 results this
+    machine computes wrongly (models/precision.py); return what to log, if anything."""
+    if amp != torch.bfloat16 or device.type != 'cpu':
+        return []
+    from models.precision import find_wrong_bf16, run_in_float32
+    wrong = find_wrong_bf16(model, (2, 3, spec.num_frames, spec.crop, spec.crop), device)
+    run_in_float32(model, wrong, device.type)
+    return [f"bf16 autocast: {', '.join(wrong)} compute wrong bf16 results on this CPU (PyTorch's oneDNN "
+            f"conv3d); they run in float32"] if wrong else []
 
 
 def wrap(model, env, multi_gpu=False):
@@ -825,6 +837,10 @@ def fit(model, data, recipe, env, schedule, *, meta, resume_path, best_path=None
         log.info(f"resumed from {resume['path']} after epoch {resume['epoch']}")
     elif regulariser is not None:
         regulariser.start()
+    if recipe.amp_dtype is not None:
+        log.info(f"mixed precision: {str(recipe.amp_dtype)[6:]} autocast" +
+                 (" with a gradient scaler" if scaler.is_enabled() else "") +
+                 (", channels_last_3d" if recipe.channels_last else ""))
     same = f" (identical on {env.world} processes)" if env.world > 1 else ""
     if regulariser is not None:
         check_same_on_all_ranks(regulariser.tensors(), type(regulariser).__name__ + ' state')
@@ -1020,6 +1036,7 @@ def run_baseline(args, env, spec, recipe):
                       pretrained=args.arch == 'r2+1d-pretrained' and not args.load_path)
     if args.load_path:
         load_into(model, args.load_path, args.arch)
+    data.notes += guard_bf16(model, recipe.amp_dtype, spec, env.device)
     options = run_options(args, spec, 'baseline', data.classes, source=args.load_path)
     resume = read_resume(files.resume('baseline'), options) if args.resume else None
     teacher, teacher_path = make_teacher(args, spec, env, data.classes)
@@ -1041,11 +1058,12 @@ def pruning_files(args):
                             args.connectivity_block_size, args.rho_num, args.distill)
 
 
-def pruning_setup(args, env, spec, config_files):
+def pruning_setup(args, env, spec, recipe, config_files):
     """What --admm, --rew and --masked-retrain check before they touch the disk: data, model,
     profiles, teacher. Returns (data, model, rules, teacher, teacher_path)."""
     data = make_data(spec, env)
     model = new_model(args.arch, data.classes, spec.num_frames, spec.crop, env.device)
+    data.notes += guard_bf16(model, recipe.amp_dtype, spec, env.device)
     rules = load_rules(config_files, args.sparsity_type, model, tuple(args.connectivity_block_size))
     return (data, model, rules, *make_teacher(args, spec, env, data.classes))
 
@@ -1064,7 +1082,7 @@ def keep_zeros(model):
 
 def run_admm(args, env, spec, recipe):
     files = pruning_files(args)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, args.config_file)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, recipe, args.config_file)
     rhos = [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
     source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
     options = run_options(args, spec, 'admm', data.classes, rules, source)
@@ -1116,7 +1134,7 @@ def run_rew(args, env, spec, recipe):
     """Reweighted group regularisation (the follow-up's): task loss + penalty / profiles *
     sum_g alpha_g ||w_g||, alpha recomputed after each --rew-milestones epoch."""
     files = pruning_files(args)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, args.config_file)
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, recipe, args.config_file)
     source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
     options = run_options(args, spec, 'rew', data.classes, rules, source)
     resume = read_resume(files.resume('rew'), options) if args.resume else None
@@ -1164,7 +1182,7 @@ def run_retrain(args, env, spec, recipe):
                                     float(f"{args.rho * 10 ** (args.rho_num - 1):.6g}"))
     stem = files.result(method)
     copies = method != 'oneshot' and all(os.path.isfile(p) for p in files.profiles)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec,
+    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, recipe,
                                                                files.profiles if copies else args.config_file)
     options = run_options(args, spec, 'masked_retrain', data.classes, rules, source)
     resume = read_resume(stem + '_last.pt', options) if args.resume else None
@@ -1249,6 +1267,8 @@ def run_evaluate(args, env, spec, recipe):
     data = make_data(spec, env, need_train=False)
     model = new_model(args.arch, data.classes, spec.num_frames, spec.crop, env.device)
     meta = load_into(model, path, args.arch)
+    for note in guard_bf16(model, recipe.amp_dtype, spec, env.device):
+        log.info(note)
     top1, top5, loss = evaluate(wrap(model, env, args.multi_gpu), data.val, env.device, args.max_batches,
                                 recipe.amp_dtype)
     report = profile_flops.profile(model.cpu(), spec.num_frames, spec.crop)
