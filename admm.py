@@ -356,15 +356,14 @@ def check_rules(params, rules, block_size):
                 raise ValueError(f"`{name}` at ratio {ratio} ({kind}): {exc}") from None
 
 
-def check_block_size(shapes, prune_ratios, sparsity_type, block_size):
-    """Refuse a block larger than every weight the profiles prune with a block type: its padding
-    would dwarf the weights (`10000 10000` would allocate terabytes). `shapes`: {name: shape}."""
+def check_block_size(shapes, block_size):
+    """Refuse a block larger than every one of the weight `shapes` it is to cut: its padding
+    would dwarf the weights (`10000 10000` would allocate terabytes)."""
     gm, gn = block_size
-    blocked = [shapes[name] for profile, kind in profile_pairs(prune_ratios, sparsity_type)
-               if kind in BLOCK_TYPES for name in profile if name in shapes]
-    if not blocked:
+    shapes = [s for s in shapes if len(s) >= 2]
+    if not shapes:
         return
-    most_o, most_i = max(s[0] for s in blocked), max(s[1] for s in blocked)
+    most_o, most_i = max(s[0] for s in shapes), max(s[1] for s in shapes)
     if gm > most_o or gn > most_i:
         raise ValueError(f"--connectivity-block-size {gm} {gn} is larger than every pruned weight (at most "
                          f"{most_o} filters x {most_i} input channels): use gM <= {most_o} and gN <= {most_i} "

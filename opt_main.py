@@ -933,8 +933,8 @@ def load_rules(config_files, sparsity_types, model, block_size):
     """[(prune_ratios, sparsity_type)] of the profiles, checked against the model's weights."""
     try:
         rules = [(admm.load_profile(c, model), t) for c, t in zip(config_files, sparsity_types)]
-        admm.check_block_size({n: p.shape for n, p in model.named_parameters()},
-                              [r for r, _ in rules], [t for _, t in rules], block_size)
+        shapes = dict((n, p.shape) for n, p in model.named_parameters())
+        admm.check_block_size([shapes[n] for r, t in rules if t in admm.BLOCK_TYPES for n in r], block_size)
         weight_rules = admm.weight_rules(*pruning_args(rules))
         admm.check_rules(admm.prunable_parameters(model, weight_rules), weight_rules, block_size)
     except (FileNotFoundError, KeyError, ValueError) as exc:
@@ -1240,6 +1240,10 @@ def run_export(args, env, spec, recipe):
                       spec.crop, torch.device('cpu'))
     load_into(model, args.export, args.arch)
     state = model.state_dict()
+    try:
+        admm.check_block_size([v.shape for v in state.values()], tuple(args.connectivity_block_size))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     types = list(dict.fromkeys(args.sparsity_type + ['irregular']))
     tmp = f"{out}.tmp{os.getpid()}"
     try:

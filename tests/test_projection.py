@@ -171,3 +171,12 @@ def test_cuda_agrees_with_cpu(sparsity_type):
     assert gpu.device.type == 'cuda'
     assert torch.equal(gpu.cpu() != 0, cpu != 0)
     assert torch.allclose(gpu.cpu(), cpu)
+
+
+def test_a_block_larger_than_every_weight_is_refused_before_any_padding():
+    shapes = [(64, 3, 3, 3, 3), (128, 64, 3, 3, 3)]
+    admm.check_block_size(shapes, (128, 64))                     # as large as the widest weight: fine
+    with pytest.raises(ValueError, match=r'larger than every pruned weight .* use gM <= 128 and gN <= 64'):
+        admm.check_block_size(shapes, (10000, 10000))
+    with pytest.raises(ValueError, match='gN <= 64'):
+        admm.check_block_size(shapes, (8, 65))
