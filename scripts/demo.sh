@@ -28,7 +28,7 @@ if [ ! -f "$DATA/ucf101_frame/val.lmdb" ]; then
 fi
 
 COMMON=(--arch c3d --dataset ucf101 --num-classes 5 --data_location "$DATA" --ckpt-root "$CKPT"
-        --crop-size 16 --scale-size 18 --batch-size 16 --workers 1 --optmzr adam --weight-decay 0 --seed 1 --log-interval 5)
+        --crop-size 16 --scale-size 18 --batch-size 16 --workers 1 --optmzr adam --seed 1 --log-interval 5)
 PRUNE=(--config-file "$CONFIG" --sparsity-type blk-kgs --connectivity-block-size 8 4 --rho 0.001 --rho-num 2)
 
 rm -f "$CKPT"/ucf101_c3d_baseline_epoch-*.pt
