@@ -265,6 +265,14 @@ class RunLock:
             RunLock.held_locks.remove(self)
 
 
+def first_free(name_of):
+    """`name_of(n)` for the smallest n >= 1 that names nothing on disk."""
+    n = 1
+    while os.path.exists(name_of(n)):
+        n += 1
+    return name_of(n)
+
+
 class RunFiles:
     """Every file of a run, by the original's names.
 
@@ -324,12 +332,7 @@ class RunFiles:
 
     def final(self, stem, epoch, top1):
         """`{stem}_epoch-{E}_top1-{acc}.pt`, or `{stem}_v2_epoch-...` (v3, ...) if that exists."""
-        name = f"{stem}_epoch-{epoch}_top1-{top1:.3f}.pt"
-        n = 1
-        while os.path.exists(name):
-            n += 1
-            name = f"{stem}_v{n}_epoch-{epoch}_top1-{top1:.3f}.pt"
-        return name
+        return first_free(lambda n: f"{stem}{f'_v{n}' if n > 1 else ''}_epoch-{epoch}_top1-{top1:.3f}.pt")
 
     def start(self, fresh):
         """Take the lock, then (fresh pruning run) move an existing directory aside to
@@ -337,11 +340,8 @@ class RunFiles:
         def action():
             self.lock.acquire()
             if fresh and self.dir != self.root and os.path.isdir(self.dir):
-                n = 1
-                while os.path.exists(f"{self.dir}_v{n}"):
-                    n += 1
-                os.rename(self.dir, f"{self.dir}_v{n}")
-                self.moved_to = f"{self.dir}_v{n}"
+                self.moved_to = first_free(lambda n: f"{self.dir}_v{n}")
+                os.rename(self.dir, self.moved_to)
             os.makedirs(self.dir, exist_ok=True)
         self.moved_to = None
         on_main_first(action)
@@ -697,7 +697,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoc
     batches = batches_per_epoch(loader, recipe.max_batches)
     accum = recipe.accum_steps
     amp = recipe.amp_dtype is not None
-    sums = torch.zeros(3, dtype=torch.float64, device=device)          # task loss x clips, correct, clips
+    sums = torch.zeros(2, dtype=torch.float64, device=device)          # task loss x clips, correct clips
+    seen = 0
     first_bad = torch.full((), batches, dtype=torch.long, device=device)
     start = time.perf_counter()
     # A terminal gets a lively bar; a log file (no terminal) a line every 30 s instead of hundreds.
@@ -739,9 +740,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoc
             scheduler.step()
 
         with torch.no_grad():
-            n = labels.shape[0]
-            sums += torch.stack([task.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            seen += labels.shape[0]
+            sums += torch.stack([task.detach().double() * labels.shape[0], (logits.argmax(1) == labels).sum().double()])
             first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < batches), first_bad, i)
         bar.update()
         if (i + 1) % recipe.log_interval == 0 or i + 1 == batches:
@@ -749,7 +749,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoc
             if bad < batches:
                 raise TrainingDiverged(f"the loss became non-finite at epoch {epoch}, batch {bad + 1}: lower --lr "
                                        f"(or --rho / --penalty); nothing of this epoch was saved")
-            total, correct, seen = sums.tolist()
+            total, correct = sums.tolist()
             lr = optimizer.param_groups[0]['lr']
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}",
@@ -757,9 +757,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, epoc
             log.info(f"epoch {epoch} batch {i + 1}/{batches} loss {task.item():.4f} total {loss.item():.4f} "
                      f"lr {lr:.3e} {rate:.1f} clips/s", extra={'file_only': True})
     bar.close()
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=device)])
     if dist.is_initialized():
-        dist.all_reduce(sums)
-    return (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+        dist.all_reduce(totals)
+    total, correct, seen = totals.tolist()
+    return total / seen, 100 * correct / seen
 
 
 @torch.no_grad()
