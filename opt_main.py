@@ -1082,20 +1082,42 @@ def keep_zeros(model):
     return masks
 
 
-def run_admm(args, env, spec, recipe):
+@dataclasses.dataclass
+class Regularised:
+    """What --admm and --rew start from (see `start_regularised`)."""
+    files: RunFiles
+    data: Data
+    model: torch.nn.Module
+    rules: list
+    teacher: Teacher | None
+    source: str
+    options: dict
+    resume: dict | None
+
+
+def start_regularised(args, env, spec, recipe, phase):
+    """The start --admm and --rew share: check everything, load the dense model (unless resuming),
+    lock the run directory (a fresh run moves an old one aside) and keep a copy of the profiles."""
     files = pruning_files(args)
     data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, recipe, args.config_file)
-    rhos = [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
     source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
-    options = run_options(args, spec, 'admm', data.classes, rules, source)
-    resume = read_resume(files.resume('admm'), options) if args.resume else None
+    options = run_options(args, spec, phase, data.classes, rules, source)
+    resume = read_resume(files.resume(phase), options) if args.resume else None
     if resume is None:
         load_into(model, source, args.arch)
 
-    begin(args, files, 'admm', resume is None, data, teacher_path)
+    begin(args, files, phase, resume is None, data, teacher_path)
     if resume is None:
         copy_profiles(args.config_file, files)
-    ratios, types = pruning_args(rules)
+    return Regularised(files, data, model, rules, teacher, source, options, resume)
+
+
+def run_admm(args, env, spec, recipe):
+    run = start_regularised(args, env, spec, recipe, 'admm')
+    files, data, model, teacher, source, options, resume = (run.files, run.data, run.model, run.teacher, run.source,
+                                                            run.options, run.resume)
+    rhos = [float(f"{args.rho * 10 ** i:.6g}") for i in range(args.rho_num)]
+    ratios, types = pruning_args(run.rules)
     board = open_board(args.tensorboard, os.path.join(files.dir, 'tensorboard', 'admm'))
     schedule = lambda opt, steps: epoch_scheduler(opt, lambda e: admm_lr_factor(e, args.admm_epochs),  # noqa: E731
                                                   steps)
@@ -1135,20 +1157,13 @@ def stage_histories(files, rhos):
 def run_rew(args, env, spec, recipe):
     """Reweighted group regularisation (the follow-up's): task loss + penalty / profiles *
     sum_g alpha_g ||w_g||, alpha recomputed after each --rew-milestones epoch."""
-    files = pruning_files(args)
-    data, model, rules, teacher, teacher_path = pruning_setup(args, env, spec, recipe, args.config_file)
-    source = args.load_path or find_baseline(args.ckpt_root, args.dataset, args.arch, args.data_location)
-    options = run_options(args, spec, 'rew', data.classes, rules, source)
-    resume = read_resume(files.resume('rew'), options) if args.resume else None
+    run = start_regularised(args, env, spec, recipe, 'rew')
+    files, data, model, teacher, options, resume = (run.files, run.data, run.model, run.teacher, run.options,
+                                                    run.resume)
     if resume is None:
-        load_into(model, source, args.arch)
-
-    begin(args, files, 'rew', resume is None, data, teacher_path)
-    if resume is None:
-        copy_profiles(args.config_file, files)
-        log.info(f"reweighted regularisation from {source}: penalty {args.penalty:g}, eps {args.rew_eps:g}, "
+        log.info(f"reweighted regularisation from {run.source}: penalty {args.penalty:g}, eps {args.rew_eps:g}, "
                  f"learning rate: {args.rew_lr}")
-    ratios, types = pruning_args(rules)
+    ratios, types = pruning_args(run.rules)
     reg = admm.Reweighted(model, ratios, args.penalty, types, tuple(args.connectivity_block_size), eps=args.rew_eps,
                           milestones=args.rew_milestones)
     milestones = set(args.rew_milestones)
