@@ -14,6 +14,7 @@ each gathered row feeds gM filters (README section 8 has the measured trade-off)
 import logging
 import math
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
@@ -162,9 +163,15 @@ class KGSConv3d(nn.Module):
                 flat = plan['source']
             length, step = plan['run']
             runs = flat.as_strided((flat.numel() - (length - 1) * step, length), (1, step))
-            out = torch.empty((x.shape[0], self.out_channels, *plan['out']), dtype=x.dtype, device=x.device)
             o = self.out_channels
             per_run, width = plan['per_run'], plan['out'][2]
+            if plan['direct']:        # one sample, one tile, nothing to crop: the GEMM result is the output
+                (_, index), = plan['tiles']
+                y = self._gemm(torch.index_select(runs, 0, index, out=plan['cols'][:index.numel()]))
+                if self.bias is not None:
+                    y.add_(self.bias.view(-1, 1))
+                return y.view(1, o, *plan['out'])
+            out = torch.empty((x.shape[0], o, *plan['out']), dtype=x.dtype, device=x.device)
             target = out.view(x.shape[0], o, -1, per_run, width)            # (N, O, runs per sample, ...)
             # Usually one tile; more only when the gathered rows would pass the workspace budget.
             for (n0, n1, q0, q1), index in plan['tiles']:
@@ -234,8 +241,10 @@ class KGSConv3d(nn.Module):
         tiles = _tiles(n, len(pos_off), index.shape[0] * run[0] * x.element_size(), self.max_workspace)
         tiles = [(t, index[:, t[0]:t[1], t[2]:t[3]].flatten()) for t in tiles]
         cols = torch.empty((max(i.numel() for _, i in tiles), run[0]), dtype=x.dtype, device=dev)
+        direct = (n == 1 and len(tiles) == 1 and run[0] == per_run * out[2]
+                  and self.weight_packed.shape[0] * self.weight_packed.shape[1] == self.out_channels)
         plan = {'out': tuple(out), 'run': run, 'per_run': per_run, 'tiles': tiles, 'source': source,
-                'interior': interior, 'cols': cols, 'mode': mode}
+                'interior': interior, 'cols': cols, 'mode': mode, 'direct': direct}
         if len(self._plans) >= 2:      # keep the memory of two shapes at most (e.g. batch 1 and 8)
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan
@@ -255,21 +264,39 @@ class KGSConv3d(nn.Module):
         self._lock = threading.Lock()
 
     def _forward_portable(self, x):
-        """The same product with ops ONNX has (no as_strided): one slice per kernel position, one
-        gather of the kept columns, one batched matmul. Slower; used when tracing or with gradients."""
+        """The same product with ops ONNX has (no as_strided): per kernel position in use, a slice of the
+        padded input and a gather of the channels kept there; one concatenation (the union of the kept
+        columns, never the full im2col) and one (batched) matmul. Used when tracing or with gradients."""
         n = x.shape[0]
         k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
         out = [_out_size(*a) for a in zip(x.shape[2:], k, s, p, d)]
         xp = F.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0]))
-        windows = [xp[:, :, a * d[0]:a * d[0] + (out[0] - 1) * s[0] + 1:s[0],
-                      b * d[1]:b * d[1] + (out[1] - 1) * s[1] + 1:s[1],
-                      c * d[2]:c * d[2] + (out[2] - 1) * s[2] + 1:s[2]]
-                   for a in range(k[0]) for b in range(k[1]) for c in range(k[2])]
-        im2col = torch.stack(windows, dim=2).reshape(n, -1, math.prod(out))       # (N, I*K, L)
+        positions, channels, remap = self._union_layout()
+        parts = []
+        for position, chans in zip(positions, channels):    # at most K = kT*kH*kW steps, unrolled when traced
+            a, b, c = position // (k[1] * k[2]), (position // k[2]) % k[1], position % k[2]
+            window = xp[:, :, a * d[0]:a * d[0] + (out[0] - 1) * s[0] + 1:s[0],
+                        b * d[1]:b * d[1] + (out[1] - 1) * s[1] + 1:s[1],
+                        c * d[2]:c * d[2] + (out[2] - 1) * s[2] + 1:s[2]]
+            parts.append(torch.index_select(window, 1, chans.to(x.device)))
+        union = torch.cat(parts, dim=1).reshape(n, -1, math.prod(out))          # (N, union of kept, L)
         rows, gm, width = self.weight_packed.shape
-        cols = im2col[:, self.columns.flatten()].view(n, rows, width, -1)
+        cols = torch.index_select(union, 1, remap.to(x.device).flatten()).view(n, rows, width, -1)
         y = torch.matmul(self.weight_packed, cols).view(n, rows * gm, *out)[:, :self.out_channels]
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
+
+    def _union_layout(self):
+        """`(positions, channels, remap)`: the kernel positions any block row keeps, the channels kept at
+        each (their concatenation is the union of kept columns), and each packed column's place in it."""
+        with warnings.catch_warnings():          # read once as constants: the layout is fixed by the weights
+            warnings.simplefilter('ignore')
+            columns = torch.tensor(self.columns.tolist(), dtype=torch.long)   # a constant, not a traced value
+            k = math.prod(self.kernel_size)
+            order = torch.unique(columns % k * self.in_channels + columns // k)      # position-major, sorted
+            positions, counts = torch.unique_consecutive(order // self.in_channels, return_counts=True)
+            channels = torch.split(order % self.in_channels, counts.tolist())
+            remap = torch.searchsorted(order, columns % k * self.in_channels + columns // k)
+        return positions.tolist(), channels, remap
 
 
 # ----------------------------------------------------------------------------- conversion
