@@ -159,10 +159,11 @@ class KGSConv3d(nn.Module):
             if plan['source'] is None:
                 flat = x.contiguous().view(-1)
             else:
-                plan['interior'].copy_(x)
+                for dst, (first, step) in plan['copies']:     # one copy per W phase (the W stride: 1 or 2)
+                    dst.copy_(x[..., first::step])
                 flat = plan['source']
-            length, step = plan['run']
-            runs = flat.as_strided((flat.numel() - (length - 1) * step, length), (1, step))
+            length = plan['run']
+            runs = flat.as_strided((flat.numel() - length + 1, length), (1, 1))
             o = self.out_channels
             per_run, width = plan['per_run'], plan['out'][2]
             if plan['direct']:        # one sample, one tile, nothing to crop: the GEMM result is the output
@@ -198,9 +199,11 @@ class KGSConv3d(nn.Module):
     def _plan(self, x):
         """Index of the input runs to gather, tiles and workspaces for this input shape (built once, cached).
 
-        A run is `length` input elements, `step` apart, that one kept column contributes to consecutive
-        outputs: an output row of W' ('rows'), or a whole output plane computed over the padded width
-        ('plane': fewer, longer runs; chosen when W has no padding, so no column is computed for nothing).
+        A run is `length` consecutive elements of the zero-padded input that one kept column contributes
+        to consecutive outputs: an output row of W' ('rows'), or a whole output plane computed over the
+        padded width ('plane': fewer, longer runs; chosen when W has no padding, so nothing is computed
+        for nothing). With a W stride s the padded input is stored as s phases (columns w = phase + j*s),
+        so every run is contiguous and the gather copies whole runs.
         """
         key = (tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
@@ -211,40 +214,49 @@ class KGSConv3d(nn.Module):
         out = [_out_size(*a) for a in zip(size, k, s, p, d)]
         if min(out) < 1:
             raise ValueError(f"KGSConv3d: input {tuple(x.shape)} is smaller than the kernel {k} (dilation {d})")
-        tp, hp, wp = (a + 2 * b for a, b in zip(size, p))
         mode = self.mode or ('plane' if s[1] == s[2] == 1 and p[2] == 0 else 'rows')
         if mode not in ('rows', 'plane') or (mode == 'plane' and not s[1] == s[2] == 1):
             raise ValueError(f"KGSConv3d: run layout {mode!r} is not 'rows' or 'plane' (which needs stride 1 in "
                              f"H and W, got {s})")
         dev = x.device
+        tp, hp, wp = (a + 2 * b for a, b in zip(size, p))
+        phases = s[2]
+        wq = -(-wp // phases)                                     # columns per phase
+        plane, channel = hp * wq, tp * hp * wq
+        sample = self.in_channels * channel
         c = torch.div(self.columns, math.prod(k), rounding_mode='floor')
         kk = self.columns % math.prod(k)
-        kt, kh, kw = kk // (k[1] * k[2]), (kk // k[2]) % k[1], kk % k[2]
-        plane, channel = hp * wp, tp * hp * wp
-        col_off = c * channel + kt * d[0] * plane + kh * d[1] * wp + kw * d[2]           # (R, U)
+        kt, kh, kw = kk // (k[1] * k[2]), (kk // k[2]) % k[1], (kk % k[2]) * d[2]
+        col_off = ((kw % phases) * n * sample + c * channel + kt * d[0] * plane + kh * d[1] * wq
+                   + torch.div(kw, phases, rounding_mode='floor'))                        # (R, U)
         t_off = torch.arange(out[0], device=dev) * s[0] * plane
         if mode == 'rows':
-            pos_off = (t_off[:, None] + torch.arange(out[1], device=dev)[None] * s[1] * wp).flatten()
-            run, per_run, slack = (out[2], s[2]), 1, 0
+            pos_off = (t_off[:, None] + torch.arange(out[1], device=dev)[None] * s[1] * wq).flatten()
+            run, per_run, slack = out[2], 1, 0
         else:
             pos_off = t_off
-            run, per_run, slack = (out[1] * wp, 1), out[1], (k[2] - 1) * d[2]   # the last run reads past the end
-        sample_off = torch.arange(n, device=dev) * (self.in_channels * channel)
-        index = col_off.flatten()[:, None, None] + sample_off[:, None] + pos_off                # (R*U, N, Q)
-        total = n * self.in_channels * channel
-        if any(p) or slack:
-            source = torch.zeros(total + slack, dtype=x.dtype, device=dev)
-            interior = source[:total].view(n, self.in_channels, tp, hp, wp)[
-                :, :, p[0]:p[0] + size[0], p[1]:p[1] + size[1], p[2]:p[2] + size[2]]
+            run, per_run, slack = out[1] * wp, out[1], (k[2] - 1) * d[2]    # the last run reads past the end
+        index = col_off.flatten()[:, None, None] + (torch.arange(n, device=dev) * sample)[:, None] + pos_off
+        if phases == 1 and not any(p) and not slack:
+            source, copies = None, []                             # runs read the input itself
         else:
-            source = interior = None
-        tiles = _tiles(n, len(pos_off), index.shape[0] * run[0] * x.element_size(), self.max_workspace)
+            source = torch.zeros(phases * n * sample + slack, dtype=x.dtype, device=dev)
+            copies = []
+            for phase in range(phases):
+                j0 = max(0, -(-(p[2] - phase) // phases))        # first phase column inside the input
+                first = phase + j0 * phases - p[2]
+                count = len(range(first, size[2], phases))
+                if count:
+                    dst = source[phase * n * sample:(phase + 1) * n * sample].view(n, self.in_channels, tp, hp, wq)
+                    copies.append((dst[:, :, p[0]:p[0] + size[0], p[1]:p[1] + size[1], j0:j0 + count],
+                                   (first, phases)))
+        tiles = _tiles(n, len(pos_off), index.shape[0] * run * x.element_size(), self.max_workspace)
         tiles = [(t, index[:, t[0]:t[1], t[2]:t[3]].flatten()) for t in tiles]
-        cols = torch.empty((max(i.numel() for _, i in tiles), run[0]), dtype=x.dtype, device=dev)
-        direct = (n == 1 and len(tiles) == 1 and run[0] == per_run * out[2]
+        cols = torch.empty((max(i.numel() for _, i in tiles), run), dtype=x.dtype, device=dev)
+        direct = (n == 1 and len(tiles) == 1 and run == per_run * out[2]
                   and self.weight_packed.shape[0] * self.weight_packed.shape[1] == self.out_channels)
         plan = {'out': tuple(out), 'run': run, 'per_run': per_run, 'tiles': tiles, 'source': source,
-                'interior': interior, 'cols': cols, 'mode': mode, 'direct': direct}
+                'copies': copies, 'cols': cols, 'mode': mode, 'direct': direct}
         if len(self._plans) >= 2:      # keep the memory of two shapes at most (e.g. batch 1 and 8)
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan
