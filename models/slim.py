@@ -62,7 +62,7 @@ class SlimConv3d(nn.Conv3d):
 
 class BatchNormExpand(nn.BatchNorm3d):
     """BatchNorm over the kept channels of a conv that feeds a residual sum, then the full width back:
-    removed channels take `fill` (what the BatchNorm makes of a zero conv output) at `removed_index`."""
+    removed channels take `fill` (what the BatchNorm makes of a zero conv output)."""
 
     def __init__(self, num_features, full_features, eps=1e-5, momentum=0.1):
         super().__init__(num_features, eps=eps, momentum=momentum)
@@ -70,11 +70,39 @@ class BatchNormExpand(nn.BatchNorm3d):
         # Output channel c is channel index[c] of cat([kept channels, removed channels' constants]).
         self.register_buffer('index', torch.arange(full_features))
         self.register_buffer('fill', torch.zeros(full_features - num_features))
+        self._cache = {}
 
     def forward(self, x):
-        y = super().forward(x)
-        fill = self.fill.view(1, -1, 1, 1, 1).to(y.dtype).expand(y.shape[0], -1, *y.shape[2:])
-        return torch.index_select(torch.cat([y, fill], dim=1), 1, self.index)
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            y = super().forward(x)
+            fill = self.fill.view(1, -1, 1, 1, 1).to(y.dtype).expand(y.shape[0], -1, *y.shape[2:])
+            return torch.index_select(torch.cat([y, fill], dim=1), 1, self.index)
+        # Eval: the normalised kept channels and the constants' rows go into one buffer, and the output
+        # is one gather of whole rows (a copy per channel), not a concatenation and a strided gather.
+        n, k = x.shape[:2]
+        rows, index = self._rows(x)
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        torch.addcmul(shift.view(1, k, 1), x.reshape(n, k, -1), scale.view(1, k, 1),
+                      out=rows[:n * k].view(n, k, -1))
+        return torch.index_select(rows, 0, index).view(n, self.full_features, *x.shape[2:])
+
+    def _rows(self, x):
+        key = (tuple(x.shape), x.dtype, x.device, self.fill._version, self.index._version)
+        if key not in self._cache:
+            n, k, length = x.shape[0], x.shape[1], x[0, 0].numel()
+            rows = torch.empty((n * k + len(self.fill), length), dtype=x.dtype, device=x.device)
+            rows[n * k:] = self.fill.to(x.dtype)[:, None]
+            kept = self.index < k
+            sample = torch.arange(n, device=x.device)[:, None]
+            index = torch.where(kept, sample * k + self.index, n * k + self.index - k).flatten()
+            self._cache = {key: (rows, index)}
+        return self._cache[key]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_cache'] = {}
+        return state
 
 
 # ----------------------------------------------------------------------------- channel links

@@ -152,3 +152,14 @@ def test_onnx_file_of_a_slim_model_runs_like_pytorch(tmp_path, models):
     session = ort.InferenceSession(str(tmp_path / 's.onnx'), providers=['CPUExecutionProvider'])
     with torch.no_grad():
         assert_same(torch.from_numpy(session.run(None, {'clip': x.numpy()})[0]), slim(x))
+
+
+def test_with_gradients_the_slim_model_still_equals_the_masked_model(models):
+    slim = slim_model(models['r2+1d'], 'r2+1d')
+    x = torch.randn(1, 3, 8, 32, 32)
+    y = slim(x)                                       # grad mode: the generic BatchNormExpand path
+    with torch.no_grad():
+        assert_same(y, models['r2+1d'](x))
+        assert_same(slim(x), y)
+    y.sum().backward()
+    assert slim.layer1[0].conv2[1].weight.grad is not None
