@@ -13,7 +13,9 @@ each gathered row feeds gM filters (README section 8 has the measured trade-off)
 """
 import logging
 import math
+import statistics
 import threading
+import time
 import warnings
 
 import torch
@@ -336,13 +338,16 @@ def estimate_speedup(weight, block_rows):
 
 
 @torch.no_grad()
-def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None):
-    """Swap, in place, every pruned `Conv3d` of `model` for a `KGSConv3d` with blocks of `block_size[0]`
-    filters, where the cost model predicts at least `min_speedup`; the others stay dense.
+def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None, example_input=None, reps=3):
+    """Swap, in place, every pruned `Conv3d` of `model` for a `KGSConv3d` with block rows of `block_size[0]`
+    filters where that is at least `min_speedup` times faster; the others stay dense.
 
-    `layers` limits it to those module names (default: every Conv3d with zeros in its weight).
+    Faster is predicted by the cost model, or, given `example_input` (a batch as it will be run), measured:
+    each layer, dense and KGS, on its real input, `reps` interleaved calls, medians (the time sizes
+    decide: a layer that gains at batch 1 may not at batch 8). `layers` limits it to those module names.
     Returns `{module name: row}`, one per Conv3d, `row` a dict: `path` ('kgs' or 'dense'), `density`
-    (non-zero fraction of the weight), `estimated_speedup` and `reason` (why it stays dense, or '').
+    (non-zero fraction of the weight), `estimated_speedup`, `measured_speedup` (None unless measured)
+    and `reason` (why it stays dense, or '').
     """
     gm = int(block_size[0]) if isinstance(block_size, (tuple, list)) else int(block_size)
     if gm < 1:
@@ -353,10 +358,12 @@ def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None):
         if unknown:
             raise KeyError(f"sparse_exec: {', '.join(sorted(unknown))} not a Conv3d of {type(model).__name__}; "
                            f"Conv3d modules are {', '.join(n for n, _ in convs)}")
+    inputs = _conv_inputs(model, example_input) if example_input is not None else {}
     report = {}
     for name, conv in convs:
         density = float((conv.weight != 0).float().mean())
-        row = {'path': 'dense', 'density': density, 'estimated_speedup': 1.0, 'reason': ''}
+        row = {'path': 'dense', 'density': density, 'estimated_speedup': 1.0, 'measured_speedup': None,
+               'reason': ''}
         report[name] = row
         if layers is not None and name not in layers:
             row['reason'] = 'not selected'
@@ -370,17 +377,53 @@ def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None):
             row['reason'] = str(exc)
             continue
         row['estimated_speedup'] = estimate_speedup(conv.weight, gm)
-        if row['estimated_speedup'] < min_speedup:
+        if name in inputs:
+            kgs = KGSConv3d.from_conv(conv, gm)
+            times = _interleaved([lambda x=inputs[name]: conv(x), lambda x=inputs[name]: kgs(x)], reps)
+            row['measured_speedup'] = times[0] / times[1]
+            if row['measured_speedup'] < min_speedup:
+                row['reason'] = f"measured {row['measured_speedup']:.2f}x < {min_speedup}x"
+                continue
+        elif row['estimated_speedup'] < min_speedup:
             row['reason'] = (f"estimated {row['estimated_speedup']:.2f}x < {min_speedup}x: zeros not shared by "
                              f"blocks of {gm} filters, or too few")
             continue
-        _set_module(model, name, KGSConv3d.from_conv(conv, gm))
+        else:
+            kgs = KGSConv3d.from_conv(conv, gm)
+        _set_module(model, name, kgs)
         row['path'] = 'kgs'
     for name, row in report.items():
-        if row['reason'] != 'no zeros' and row['reason'] != 'not selected':
+        if row['reason'] not in ('no zeros', 'not selected'):
+            measured = '' if row['measured_speedup'] is None else f"measured {row['measured_speedup']:.2f}x "
             log.info(f"sparse-exec {name:<32} {row['path']:<5} density {row['density']:.3f} "
-                     f"estimated {row['estimated_speedup']:.2f}x {row['reason']}")
+                     f"estimated {row['estimated_speedup']:.2f}x {measured}{row['reason']}")
     return report
+
+
+def _conv_inputs(model, example_input):
+    """`{Conv3d name: its input}` in one forward pass of `example_input`."""
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv3d):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0])))
+    try:
+        model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _interleaved(fns, reps):
+    """Median seconds of each callable, called in turn (after one warm-up round), so load hits all alike."""
+    times = [[] for _ in fns]
+    for i in range(reps + 1):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            if i:
+                t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def dense_exec(model):

@@ -219,3 +219,19 @@ def test_deep_copies_and_meta_copies_work():
         assert_same(twin(x), F.conv3d(x, conv.weight, conv.bias, padding=1))
     meta = copy.deepcopy(kgs).to('meta')
     assert meta(torch.empty(1, 8, 4, 6, 6, device='meta')).shape == (1, 16, 4, 6, 6)
+
+
+def test_with_an_example_input_the_choice_is_measured():
+    def model():
+        return nn.Sequential(pruned_conv(32, 16, 3, block=(32, 4), ratio=0.8, padding=1), nn.ReLU(),
+                             pruned_conv(32, 32, 3, block=(32, 4), ratio=0.8, padding=1)).eval()
+    converted, x = model(), torch.randn(1, 16, 4, 12, 12)
+    with torch.no_grad():
+        ref = converted(x)
+    report = sparse_exec(converted, (32, 4), min_speedup=0, example_input=x, reps=1)
+    assert all(report[n]['measured_speedup'] > 0 and report[n]['path'] == 'kgs' for n in ('0', '2'))
+    with torch.no_grad():
+        assert_same(converted(x), ref)
+    report = sparse_exec(model(), (32, 4), min_speedup=1e9, example_input=x, reps=1)    # never fast enough
+    assert [row['path'] for row in report.values()] == ['dense', 'dense']
+    assert 'measured' in report['0']['reason']
