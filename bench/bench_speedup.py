@@ -11,9 +11,12 @@ not on the values): blk-kgs at every block size (`all` = one block row of all fi
 `filter` with the profile's ratios scaled until the slim model's own FLOPs reduction matches the
 profile's (removing a filter also removes the next layer's input channels, so the same ratios would
 prune much more). Times are medians of `--reps` interleaved repeats (dense, KGS, slim, dense, ...),
-so load on a shared machine hits all of them alike; speedup = dense median / median. FLOPs
-reductions are counted on what runs (`models.slim.macs`): the KGS GEMMs with their padding, the slim
-layers with their corrections. Prints Markdown tables (and writes them to `--out`).
+so load on a shared machine hits all of them alike; speedup = dense median / median. In whole
+models each pruned conv takes the KGS path where that measured faster on its input (sparse_exec
+with an example input; `--no-calibrate`: where the cost model predicts it). FLOPs reduction is
+profile_flops' (a pruned weight's MACs scaled by its density) for KGS and counted on the slim model
+itself (`models.slim.macs`, corrections included); "MACs run" counts what the KGS model executes (its
+GEMMs with their padding, dense layers in full). Prints Markdown tables (and writes them to `--out`).
 """
 import argparse
 import copy
@@ -195,7 +198,7 @@ def checkpoint_speedup(path, block, num_classes, reps=5, batch=1):
     return t['dense'], t['kgs']
 
 
-def run_model(arch, profile, blocks, batch, reps, onnx, layers, whole, min_speedup):
+def run_model(arch, profile, blocks, batch, reps, onnx, layers, whole, min_speedup, calibrate):
     """Markdown tables for one architecture, profile and batch: per layer and / or whole model."""
     num_frames, crop = geometry(arch)
     torch.manual_seed(0)
@@ -216,7 +219,7 @@ def run_model(arch, profile, blocks, batch, reps, onnx, layers, whole, min_speed
         return '\n\n'.join(tables)
     rows, fns, notes = [], {'dense': lambda: base(clip)}, {'dense': ''}
     for label, model in variants.items():
-        report = sparse_exec(model, model.block, min_speedup=min_speedup)
+        report = sparse_exec(model, model.block, min_speedup=min_speedup, example_input=clip if calibrate else None)
         on = sum(r['path'] == 'kgs' for r in report.values())
         notes[f'KGS {label}'] = (f"{on} of {sum(r['density'] < 1 for r in report.values())} pruned convs on the KGS "
                                  f"path; MACs run {dense_macs / macs(model, clip_shape):.2f}x fewer")
@@ -257,7 +260,9 @@ def main(argv=None):
     p.add_argument('--layers-only', action='store_true', help='per-layer table only (every pruned conv on KGS)')
     p.add_argument('--no-layers', action='store_true', help='whole-model table only')
     p.add_argument('--min-speedup', type=float, default=1.1,
-                   help="sparse_exec's threshold: layers predicted slower stay dense in whole-model runs")
+                   help="sparse_exec's threshold: slower layers stay dense in whole-model runs")
+    p.add_argument('--no-calibrate', action='store_true',
+                   help="whole models: choose each layer's path by sparse_exec's cost model, not by measuring it")
     p.add_argument('--onnx', action='store_true', help='also onnxruntime latency of dense, slim and KGS models')
     p.add_argument('--out', help='also write the tables to this Markdown file')
     args = p.parse_args(argv)
@@ -274,7 +279,8 @@ def main(argv=None):
                     print(title, flush=True)
                     start = time.time()
                     table = run_model(arch, profile, args.block_sizes, batch, args.reps, args.onnx,
-                                      not args.no_layers, not args.layers_only, args.min_speedup)
+                                      not args.no_layers, not args.layers_only, args.min_speedup,
+                                      not args.no_calibrate)
                     sections.append(f"{title} ({time.time() - start:.0f} s)\n\n{table}")
                     print('\n' + sections[-1] + '\n', flush=True)
     torch.set_num_threads(default_threads)
