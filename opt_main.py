@@ -382,8 +382,8 @@ def read_resume(path, options):
         raise UserError(f"--resume: {exc}") from None
     missing = [k for k in ('epoch', 'optimizer', 'scheduler', 'history', 'options') if k not in meta]
     if missing:
-        raise UserError(f"--resume: {path} is not a resume point of this tool (it lacks {', '.join(missing)}); "
-                        f"start afresh without --resume")
+        raise UserError(f"--resume: {path} lacks {', '.join(missing)}: it is not a resume point, or one written by "
+                        f"an older version of this tool; start afresh without --resume")
     saved = meta['options']
     differ = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
     if differ:
@@ -833,6 +833,9 @@ def fit(model, data, recipe, env, schedule, *, meta, resume_path, best_path=None
         if resume.get('scaler'):
             scaler.load_state_dict(resume['scaler'])
         if regulariser is not None:
+            if 'regulariser' not in resume:
+                raise UserError(f"--resume: {resume['path']} holds no {type(regulariser).__name__} state; start "
+                                f"afresh without --resume")
             regulariser.load_state_dict(resume['regulariser'])
         history = {k: list(v) for k, v in resume['history'].items()}
         best, start = resume.get('best', best), resume['epoch'] + 1

@@ -158,7 +158,7 @@ def test_a_resume_file_of_another_kind_is_refused(data, baseline, tmp_path):
     shutil.copy(baseline, tmp_path / 'ucf101_c3d_baseline_last.pt')   # a model, not a resume point
     out = run('--baseline', '--epochs', 1, '--resume', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY,
               check=False)
-    fails_cleanly(out, 'is not a resume point of this tool')
+    fails_cleanly(out, 'it is not a resume point')
 
 
 def test_fewer_classes_than_the_labels_is_refused_before_training(data, tmp_path):
