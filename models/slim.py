@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import build_model
-from .sparse_conv import KGSConv3d, _triple
+from .sparse_conv import KGSConv3d, _triple, sparse_exec
 
 FORMAT = 'rt3d-model'
 VERSION = 1
@@ -322,6 +322,20 @@ def _replace_batchnorm(model, name, keep, expand):
 def _set_module(model, name, module):
     parent, _, leaf = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=None):
+    """`(model, report)`: the fastest form this package has for a pruned model, outputs unchanged (eval mode).
+
+    `filter`: a slim copy (`slim_model`; report: per producing layer, channels kept). Other types: the
+    model itself, its pruned convs swapped in place for KGSConv3d where that is faster (`sparse_exec`
+    with blocks of `block_size`, measured on `example_input` if given; report: per conv, path and why).
+    """
+    if sparsity_type == 'filter':
+        slim = slim_model(model, arch)
+        return slim, slim.slim_report
+    model.eval()
+    return model, sparse_exec(model, block_size, example_input=example_input)
 
 
 def macs(model, clip_shape):

@@ -319,6 +319,8 @@ def check_convertible(conv):
     """Refuse, naming what differs, a conv that KGSConv3d cannot compute."""
     if not isinstance(conv, nn.Conv3d):
         raise TypeError(f"KGSConv3d converts nn.Conv3d, got {type(conv).__name__}")
+    if type(conv) is not nn.Conv3d:
+        raise ValueError(f"KGSConv3d converts plain nn.Conv3d; {type(conv).__name__} computes more than the conv")
     if conv.groups != 1:
         raise ValueError(f"KGSConv3d needs groups=1, got groups={conv.groups}")
     if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):

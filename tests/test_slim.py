@@ -163,3 +163,31 @@ def test_with_gradients_the_slim_model_still_equals_the_masked_model(models):
         assert_same(slim(x), y)
     y.sum().backward()
     assert slim.layer1[0].conv2[1].weight.grad is not None
+
+
+def test_faster_model_slims_filter_models_and_runs_kgs_models_from_their_kept_groups(models):
+    from models.slim import faster_model
+    from models.sparse_conv import KGSConv3d
+    slim, report = faster_model(models['c3d'], 'c3d', 'filter')
+    assert report['conv2']['kept'] < report['conv2']['channels']
+    torch.manual_seed(0)
+    model = build_model('c3d', 5, crop_size=32).eval()
+    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (512, 4))
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    fast, report = faster_model(model, 'c3d', 'blk-kgs', (512, 4))
+    assert isinstance(fast.conv3b, KGSConv3d) and report['conv3b']['path'] == 'kgs'
+    with torch.no_grad():
+        assert_same(fast(x), ref)
+
+
+def test_slim_layers_with_corrections_are_not_converted_to_kgs(models):
+    from models.sparse_conv import sparse_exec
+    slim = slim_model(models['c3d'], 'c3d')
+    corrected = [n for n, m in slim.named_modules() if isinstance(m, SlimConv3d)]
+    with torch.no_grad():
+        for name in corrected:
+            slim.get_submodule(name).weight[:, :2] = 0
+    report = sparse_exec(slim, (8, 4), min_speedup=0)
+    assert corrected and all('plain nn.Conv3d' in report[n]['reason'] for n in corrected)
