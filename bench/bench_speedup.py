@@ -185,15 +185,16 @@ def onnx_latency(models, clip, reps):
 @torch.no_grad()
 def checkpoint_speedup(path, block, num_classes, reps=5, batch=1):
     """`(dense s, KGS s)`: a trained C3D checkpoint's conv weights (its real kept pattern) in a C3D at
-    16x112x112 (fc6 follows the clip size, so it is left random), dense vs `sparse_exec` at `block`."""
+    16x112x112 (fc6 follows the clip size, so it is left random), dense vs `sparse_exec` at `block`
+    (each layer on the path measured faster)."""
     from models import read_checkpoint
     state, _ = read_checkpoint(path)
     model = build_model('c3d', num_classes).eval()
     convs = {k: v for k, v in state.items() if k.startswith('conv')}
     model.load_state_dict(convs, strict=False)
     kgs = copy.deepcopy(model)
-    sparse_exec(kgs, block)
     clip = torch.randn(batch, 3, 16, 112, 112)
+    sparse_exec(kgs, block, example_input=clip)
     t = interleaved({'dense': lambda: model(clip), 'kgs': lambda: kgs(clip)}, reps)
     return t['dense'], t['kgs']
 
