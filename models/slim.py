@@ -88,7 +88,8 @@ class BatchNormExpand(nn.BatchNorm3d):
         return torch.index_select(rows, 0, index).view(n, self.full_features, *x.shape[2:])
 
     def _rows(self, x):
-        key = (tuple(x.shape), x.dtype, x.device, self.fill._version, self.index._version)
+        key = (tuple(x.shape), x.dtype, x.device, self.fill._version, self.index._version,
+               torch.is_inference_mode_enabled())
         if key not in self._cache:
             n, k, length = x.shape[0], x.shape[1], x[0, 0].numel()
             rows = torch.empty((n * k + len(self.fill), length), dtype=x.dtype, device=x.device)

@@ -191,3 +191,13 @@ def test_slim_layers_with_corrections_are_not_converted_to_kgs(models):
             slim.get_submodule(name).weight[:, :2] = 0
     report = sparse_exec(slim, (8, 4), min_speedup=0)
     assert corrected and all('plain nn.Conv3d' in report[n]['reason'] for n in corrected)
+
+
+def test_inference_mode_and_no_grad_calls_can_alternate(models):
+    slim = slim_model(models['r2+1d'], 'r2+1d')
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        ref = models['r2+1d'](x)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_same(slim(x), ref)

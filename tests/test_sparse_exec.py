@@ -235,3 +235,14 @@ def test_with_an_example_input_the_choice_is_measured():
     report = sparse_exec(model(), (32, 4), min_speedup=1e9, example_input=x, reps=1)    # never fast enough
     assert [row['path'] for row in report.values()] == ['dense', 'dense']
     assert 'measured' in report['0']['reason']
+
+
+def test_inference_mode_and_no_grad_calls_can_alternate():
+    conv = pruned_conv(16, 8, 3, padding=1)
+    kgs = KGSConv3d.from_conv(conv, 8)
+    x = torch.randn(1, 8, 4, 6, 6)
+    with torch.no_grad():
+        ref = conv(x)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_same(kgs(x), ref)
