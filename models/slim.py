@@ -326,17 +326,24 @@ def _set_module(model, name, module):
 
 
 def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=None):
-    """`(model, report)`: the fastest form this package has for a pruned model, outputs unchanged (eval mode).
+    """`(model, report)`: the fastest form this package has for a pruned model (eval mode, same outputs).
 
-    `filter`: a slim copy (`slim_model`; report: per producing layer, channels kept). Other types: the
-    model itself, its pruned convs swapped in place for KGSConv3d where that is faster (`sparse_exec`
-    with blocks of `block_size`, measured on `example_input` if given; report: per conv, path and why).
+    `sparsity_type` is the pruning's type, or the list of them (several profiles at once). With
+    `filter` among them, a slim copy (`slim_model`); with a block type among them, pruned convs of the
+    (slim) model swapped in place for KGSConv3d where that is faster (`sparse_exec` with block rows of
+    `block_size[0]` filters, measured on `example_input` if given). `report`: `{'slim': {layer:
+    {'channels', 'kept'}}, 'kgs': {conv: {'path', 'density', 'estimated_speedup', 'measured_speedup',
+    'reason'}}}`, each empty when not done.
     """
-    if sparsity_type == 'filter':
-        slim = slim_model(model, arch)
-        return slim, slim.slim_report
+    types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
+    report = {'slim': {}, 'kgs': {}}
+    if 'filter' in types:
+        model = slim_model(model, arch)
+        report['slim'] = model.slim_report
     model.eval()
-    return model, sparse_exec(model, block_size, example_input=example_input)
+    if any(t != 'filter' for t in types):
+        report['kgs'] = sparse_exec(model, block_size, example_input=example_input)
+    return model, report
 
 
 def macs(model, clip_shape):

@@ -174,15 +174,15 @@ def test_faster_model_slims_filter_models_and_runs_kgs_models_from_their_kept_gr
     from models.slim import faster_model
     from models.sparse_conv import KGSConv3d
     slim, report = faster_model(models['c3d'], 'c3d', 'filter')
-    assert report['conv2']['kept'] < report['conv2']['channels']
+    assert report['slim']['conv2']['kept'] < report['slim']['conv2']['channels'] and not report['kgs']
     torch.manual_seed(0)
     model = build_model('c3d', 5, crop_size=32).eval()
     admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (512, 4))
     x = torch.randn(1, 3, 16, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    fast, report = faster_model(model, 'c3d', 'blk-kgs', (512, 4))
-    assert isinstance(fast.conv3b, KGSConv3d) and report['conv3b']['path'] == 'kgs'
+    fast, report = faster_model(model, 'c3d', ['blk-kgs'], (512, 4))
+    assert isinstance(fast.conv3b, KGSConv3d) and report['kgs']['conv3b']['path'] == 'kgs'
     with torch.no_grad():
         assert_same(fast(x), ref)
 
