@@ -11,6 +11,7 @@ checkpoints, resume point), then lock its run directory and train with `fit()`. 
 original's layout (README, "Runs and files"); `RunFiles` names them all.
 """
 import contextlib
+import copy
 import dataclasses
 import glob
 import json
@@ -135,11 +136,14 @@ def seed_everything(seed, stage, epoch):
 # ----------------------------------------------------------------------------- logging
 
 def setup_logging(path=None):
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    package = logging.getLogger('models')      # the models package's lines (sparse_exec's choices) go alike
+    for logger in (log, package):
+        logger.handlers.clear()
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     if not is_main():
-        log.addHandler(logging.NullHandler())
+        for logger in (log, package):
+            logger.addHandler(logging.NullHandler())
         return
 
     class TqdmHandler(logging.Handler):   # console lines that do not break the progress bar
@@ -149,11 +153,13 @@ def setup_logging(path=None):
 
     console = TqdmHandler()
     console.setFormatter(logging.Formatter('%(message)s'))
-    log.addHandler(console)
+    handlers = [console]
     if path:
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+        handlers.append(logging.FileHandler(path))
+        handlers[-1].setFormatter(logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+    for handler in handlers:
         log.addHandler(handler)
+        package.addHandler(handler)
 
 
 def log_command(args):
@@ -1247,8 +1253,9 @@ def run_export(args, env, spec, recipe):
     """A checkpoint in compact form (kept groups and their index), and optionally ONNX."""
     from models.compact import export_onnx, load_compact, save_compact
     out = args.export_out or (args.export[:-3] if args.export.endswith('.pt') else args.export) + '.compact.pt'
-    onnx_path = (out[:-3] if out.endswith('.pt') else out) + '.onnx'
-    for path in [out] + ([onnx_path] if args.onnx else []):
+    stem = out[:-3] if out.endswith('.pt') else out
+    onnx_path, fast_path = stem + '.onnx', stem + '.fast.pt'
+    for path in [out] + ([onnx_path] if args.onnx else []) + ([fast_path] if args.sparse_exec else []):
         if os.path.exists(path) and os.path.exists(args.export) and os.path.samefile(path, args.export):
             raise UserError(f"--export-out {path} is the checkpoint being exported: writing it would destroy it; "
                             f"choose another file")
@@ -1256,8 +1263,8 @@ def run_export(args, env, spec, recipe):
             raise UserError(f"{path} exists: choose another --export-out, or pass --force to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"folder {os.path.dirname(os.path.abspath(out))} of --export-out does not exist: create it")
-    model = new_model(args.arch, spec.num_classes or KNOWN_CLASSES.get(args.dataset, 101), spec.num_frames,
-                      spec.crop, torch.device('cpu'))
+    classes = spec.num_classes or KNOWN_CLASSES.get(args.dataset, 101)
+    model = new_model(args.arch, classes, spec.num_frames, spec.crop, torch.device('cpu'))
     load_into(model, args.export, args.arch)
     state = model.state_dict()
     try:
@@ -1278,11 +1285,54 @@ def run_export(args, env, spec, recipe):
     log.info(f"{args.export}: {os.path.getsize(args.export) / 2**20:.1f} MiB -> {out}: "
              f"{os.path.getsize(out) / 2**20:.1f} MiB ({len(compact)} weights stored compactly; "
              f"models.compact.load_compact reads it back)")
+    if args.sparse_exec:
+        from models.slim import save_model
+        model, _ = faster(model.eval(), args, torch.randn(1, 3, spec.num_frames, spec.crop, spec.crop))
+        tmp = f"{fast_path}.tmp{os.getpid()}"
+        try:
+            save_model(model, tmp, args.arch, classes, num_frames=spec.num_frames, crop_size=spec.crop)
+            os.replace(tmp, fast_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        log.info(f"wrote {fast_path} ({os.path.getsize(fast_path) / 2**20:.1f} MiB), the faster form for the CPU "
+                 f"at batch 1: models.slim.load_model reads it")
     if args.onnx:
         export_onnx(model, onnx_path, (1, 3, spec.num_frames, spec.crop, spec.crop))
-        log.info(f"wrote {onnx_path} ({os.path.getsize(onnx_path) / 2**20:.1f} MiB) for clips of "
-                 f"1x3x{spec.num_frames}x{spec.crop}x{spec.crop}")
+        form = ' of the faster form' if args.sparse_exec else ''
+        log.info(f"wrote {onnx_path} ({os.path.getsize(onnx_path) / 2**20:.1f} MiB){form} "
+                 f"for clips of 1x3x{spec.num_frames}x{spec.crop}x{spec.crop}")
     return out
+
+
+def faster(model, args, clip):
+    """`(fast, report)`: `model` (eval mode, float32, on the CPU or one device) in the fastest form this
+    package has for its pruning (models.slim.faster_model), each KGS layer chosen by measuring it on
+    `clip`; `report` adds the whole model's figures: dense and fast medians on `clip`, their ratio,
+    and the largest output difference."""
+    from models.slim import faster_model
+    from models.sparse_conv import _interleaved
+    dense = copy.deepcopy(model).eval()
+    try:
+        admm.check_block_size([p.shape for p in model.parameters()], tuple(args.connectivity_block_size))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with torch.no_grad():      # not inference_mode: its tensors could not be traced for ONNX afterwards
+        fast, report = faster_model(model, args.arch, args.sparsity_type, tuple(args.connectivity_block_size),
+                                    example_input=clip)
+        difference = (fast(clip) - dense(clip)).abs().max().item()
+        dense_s, fast_s = _interleaved([lambda: dense(clip), lambda: fast(clip)], reps=5)
+    kgs = [n for n, row in report['kgs'].items() if row['path'] == 'kgs']
+    pruned = [n for n, row in report['kgs'].items() if row['reason'] != 'no zeros']
+    report.update(dense_ms=1000 * dense_s, fast_ms=1000 * fast_s, speedup=dense_s / fast_s,
+                  max_abs_difference=difference, kgs_layers=len(kgs), pruned_convs=len(pruned),
+                  slim_layers=len(report['slim']))
+    what = ([f"slim ({len(report['slim'])} layers narrowed)"] if report['slim'] else []) + \
+        ([f"KGS execution in {len(kgs)} of {len(pruned)} pruned convs"] if report['kgs'] else [])
+    log.info(f"sparse-exec: {' + '.join(what) or 'nothing to gain'}; {tuple(clip.shape)} clips: dense "
+             f"{1000 * dense_s:.1f} ms, fast {1000 * fast_s:.1f} ms ({dense_s / fast_s:.2f}x, medians of 5); "
+             f"largest output difference {difference:.2e}")
+    return fast, report
 
 
 def run_evaluate(args, env, spec, recipe):
@@ -1293,9 +1343,15 @@ def run_evaluate(args, env, spec, recipe):
     meta = load_into(model, path, args.arch)
     for note in guard_bf16(model, recipe.amp_dtype, spec, env.device):
         log.info(note)
-    top1, top5, loss = evaluate(wrap(model, env, args.multi_gpu), data.val, env.device, args.max_batches,
-                                recipe.amp_dtype)
-    report = profile_flops.profile(model.cpu(), spec.num_frames, spec.crop)
+    report = profile_flops.profile(copy.deepcopy(model).cpu(), spec.num_frames, spec.crop)
+    speed = None
+    if args.sparse_exec:
+        clips, _ = next(iter(data.val))
+        model, speed = faster(model.eval(), args, to_device(clips, env.device))
+        net = model             # no DDP around it: nothing to synchronise, evaluate() sums over processes
+    else:
+        net = wrap(model, env, args.multi_gpu)
+    top1, top5, loss = evaluate(net, data.val, env.device, args.max_batches, recipe.amp_dtype)
     for row in report['layers']:
         if row['density'] < 1:
             log.info(f"  {row['name']:<32} density {row['density']:.3f}")
@@ -1303,9 +1359,13 @@ def run_evaluate(args, env, spec, recipe):
               'flops_reduction': report['flops_reduction'], 'params_reduction': report['params_reduction'],
               'dense_gmacs': report['dense_macs'] / 1e9, 'pruned_gmacs': report['pruned_macs'] / 1e9,
               'epoch': meta.get('epoch')}
+    if speed is not None:
+        result['sparse_exec'] = {k: speed[k] for k in ('speedup', 'dense_ms', 'fast_ms', 'max_abs_difference',
+                                                       'kgs_layers', 'pruned_convs', 'slim_layers')}
     log.info(f"{path}: top-1 {top1:.2f}  top-5 {top5:.2f}  loss {loss:.4f}  FLOPs reduction "
              f"{report['flops_reduction']:.2f}x ({result['pruned_gmacs']:.3f} of {result['dense_gmacs']:.3f} "
-             f"GMACs)  parameters reduction {report['params_reduction']:.2f}x")
+             f"GMACs)  parameters reduction {report['params_reduction']:.2f}x"
+             + (f"  measured speedup {speed['speedup']:.2f}x" if speed else ''))
     if is_main():
         print("RESULT " + json.dumps(result, default=float))
     return result

@@ -62,6 +62,10 @@ def get_parser():
     g.add_argument('--export-out', metavar='PATH_OUT', help='compact file to write (default: PATH_IN with .compact.pt)')
     g.add_argument('--onnx', action='store_true', help='with --export: also write PATH_OUT with .onnx, for deployment')
     g.add_argument('--force', action='store_true', help='with --export: replace an existing PATH_OUT')
+    g.add_argument('--sparse-exec', action='store_true',
+                   help='with --evaluate: run the pruned model in its faster form (slim for filter, KGS execution '
+                        'for the block types, each layer where measured faster) and report the speedup; with '
+                        '--export: also write PATH_OUT with .fast.pt (models.slim.load_model reads it)')
 
     g = p.add_argument_group('Model and data')
     g.add_argument('--arch', default='r2+1d', choices=ARCHS, help='network')
@@ -182,6 +186,11 @@ def parse_args(argv=None):
     if (args.onnx or args.export_out or args.force) and not args.export:
         flag = '--onnx' if args.onnx else '--export-out' if args.export_out else '--force'
         parser.error(f'{flag} goes with --export PATH_IN')
+    if args.sparse_exec and not (args.evaluate or args.export):
+        parser.error('--sparse-exec goes with --evaluate or --export PATH_IN')
+    if args.sparse_exec and args.evaluate and (args.amp or args.multi_gpu):
+        parser.error(f"--sparse-exec runs the model in float32 in one process: drop "
+                     f"{'--amp' if args.amp else '--multi-gpu'}")
     if args.amp_dtype and not args.amp:
         parser.error('--amp-dtype goes with --amp')
     args.phase = phases[0]

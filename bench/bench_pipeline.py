@@ -159,7 +159,7 @@ def main():
     base = rows[0]
     for name, precision, _, rate, seconds in rows[1:]:
         print(f"\n{name} ({precision}) vs the original's way: {rate / base[3]:.2f}x clips/s, "
-              f"{base[4] / seconds:.2f}x less time per epoch")
+              f"{base[4] / seconds:.2f}x shorter epochs")
 
 
 if __name__ == '__main__':
