@@ -273,23 +273,21 @@ def index_table(work: Path, args) -> None:
     rows = [("__frames__ entry, cache warm", False, build)]
     rows_old = [("record headers, cache warm", False, build), ("record headers, cache cold", True, build),
                 ("reading every record, cache cold", True, read_everything)]
+    def measure(rows):
+        for label, cold, action in rows:
+            build()
+            if cold:
+                drop_from_page_cache(db)
+            seconds, faults = timed(action)
+            print(f"{label:36}{seconds:9.3f}{faults:17,}")
+
     print(f"{'check':36}{'seconds':>9}{'major faults':>17}")
-    for label, cold, action in rows:
-        build()
-        if cold:
-            drop_from_page_cache(db)
-        seconds, faults = timed(action)
-        print(f"{label:36}{seconds:9.3f}{faults:17,}")
+    measure(rows)
     env = lmdb.open(str(db), subdir=False)
     with env.begin(write=True) as txn:
         txn.delete(fmt.FRAMES_KEY)  # as a database written before __frames__
     env.close()
-    for label, cold, action in rows_old:
-        build()
-        if cold:
-            drop_from_page_cache(db)
-        seconds, faults = timed(action)
-        print(f"{label:36}{seconds:9.3f}{faults:17,}")
+    measure(rows_old)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from bench_speedup import checkpoint_speedup  # noqa: E402
+from bench_speedup import ALL_FILTERS, checkpoint_speedup, parse_block  # noqa: E402
 
 import admm  # noqa: E402
 import opt_main  # noqa: E402
@@ -36,13 +36,9 @@ C3D_WIDEST = 512         # `all`: blocks of 512 filters are one block row in eve
 
 
 def block_size(text):
-    if text == 'all':
-        return (C3D_WIDEST, 4)
-    try:
-        gm, gn = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"block size {text!r}: write GMxGN (e.g. 8x4) or 'all'") from None
-    return gm, gn
+    """'8x4' -> (8, 4); 'all' -> (512, 4), one block row of all filters in every C3D layer."""
+    gm, gn = parse_block(text)
+    return (C3D_WIDEST, gn) if gm >= ALL_FILTERS else (gm, gn)
 
 
 def block_label(block):
