@@ -1311,7 +1311,7 @@ def faster(model, args, clip):
     `clip`; `report` adds the whole model's figures: dense and fast medians on `clip`, their ratio,
     and the largest output difference."""
     from models.slim import faster_model
-    from models.sparse_conv import _interleaved
+    from models.sparse_conv import interleaved_medians
     dense = copy.deepcopy(model).eval()
     try:
         admm.check_block_size([p.shape for p in model.parameters()], tuple(args.connectivity_block_size))
@@ -1321,7 +1321,7 @@ def faster(model, args, clip):
         fast, report = faster_model(model, args.arch, args.sparsity_type, tuple(args.connectivity_block_size),
                                     example_input=clip)
         difference = (fast(clip) - dense(clip)).abs().max().item()
-        dense_s, fast_s = _interleaved([lambda: dense(clip), lambda: fast(clip)], reps=5)
+        dense_s, fast_s = interleaved_medians([lambda: dense(clip), lambda: fast(clip)], reps=5)
     kgs = [n for n, row in report['kgs'].items() if row['path'] == 'kgs']
     pruned = [n for n, row in report['kgs'].items() if row['reason'] != 'no zeros']
     report.update(dense_ms=1000 * dense_s, fast_ms=1000 * fast_s, speedup=dense_s / fast_s,

@@ -382,7 +382,7 @@ def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None, example_
         row['estimated_speedup'] = estimate_speedup(conv.weight, gm)
         if name in inputs:
             kgs = KGSConv3d.from_conv(conv, gm)
-            times = _interleaved([lambda x=inputs[name]: conv(x), lambda x=inputs[name]: kgs(x)], reps)
+            times = interleaved_medians([lambda x=inputs[name]: conv(x), lambda x=inputs[name]: kgs(x)], reps)
             row['measured_speedup'] = times[0] / times[1]
             if row['measured_speedup'] < min_speedup:
                 row['reason'] = f"measured {row['measured_speedup']:.2f}x < {min_speedup}x"
@@ -417,7 +417,7 @@ def _conv_inputs(model, example_input):
     return seen
 
 
-def _interleaved(fns, reps):
+def interleaved_medians(fns, reps):
     """Median seconds of each callable, called in turn (after one warm-up round), so load hits all alike."""
     times = [[] for _ in fns]
     for i in range(reps + 1):
