@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -8,6 +9,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 from runner import GEOMETRY, make_data, run  # noqa: E402
+
+
+@pytest.fixture(scope='session', autouse=True)
+def remove_run_files_when_all_pass(request, tmp_path_factory):
+    """The end-to-end runs write C3D checkpoints (190-590 MB each, ~28 GB in all): once every test has
+    passed they are removed, so repeated runs do not fill the disk (KEEP_TEST_FILES=1 keeps them)."""
+    yield
+    if request.session.testsfailed == 0 and not os.environ.get('KEEP_TEST_FILES'):
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
