@@ -172,17 +172,28 @@ def log_command(args):
 
 # ----------------------------------------------------------------------------- files
 
+@contextlib.contextmanager
+def written_atomically(path):
+    """Yield a temporary name beside `path` to write; it becomes `path` by a rename when the block
+    succeeds and is removed when it fails. A kill at any moment leaves the previous file intact (and
+    a `.tmp{pid}` file that the next run in this folder removes)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a kill at any moment leaves the
-    previous file intact (and a `.tmp{pid}` file that the next run in this folder removes)."""
+    """`torch.save` through `written_atomically`, synced to disk before the rename."""
     if not is_main():
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
+    with written_atomically(path) as tmp, open(tmp, 'wb') as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _start_time(pid):
@@ -1267,34 +1278,21 @@ def run_export(args, env, spec, recipe):
     model = new_model(args.arch, classes, spec.num_frames, spec.crop, torch.device('cpu'))
     load_into(model, args.export, args.arch)
     state = model.state_dict()
-    try:
-        admm.check_block_size([v.shape for v in state.values()], tuple(args.connectivity_block_size))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    check_block(model, args.connectivity_block_size)
     types = list(dict.fromkeys(args.sparsity_type + ['irregular']))
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
+    with written_atomically(out) as tmp:
         compact = save_compact(state, tmp, types, tuple(args.connectivity_block_size))
         restored = load_compact(tmp)
         if not all(torch.equal(restored[k], v) for k, v in state.items()):
             raise RuntimeError("compact round trip differs")
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
     log.info(f"{args.export}: {os.path.getsize(args.export) / 2**20:.1f} MiB -> {out}: "
              f"{os.path.getsize(out) / 2**20:.1f} MiB ({len(compact)} weights stored compactly; "
              f"models.compact.load_compact reads it back)")
     if args.sparse_exec:
         from models.slim import save_model
         model, _ = faster(model.eval(), args, torch.randn(1, 3, spec.num_frames, spec.crop, spec.crop))
-        tmp = f"{fast_path}.tmp{os.getpid()}"
-        try:
+        with written_atomically(fast_path) as tmp:
             save_model(model, tmp, args.arch, classes, num_frames=spec.num_frames, crop_size=spec.crop)
-            os.replace(tmp, fast_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
         log.info(f"wrote {fast_path} ({os.path.getsize(fast_path) / 2**20:.1f} MiB), the faster form for the CPU "
                  f"at batch 1: models.slim.load_model reads it")
     if args.onnx:
@@ -1305,6 +1303,14 @@ def run_export(args, env, spec, recipe):
     return out
 
 
+def check_block(model, block_size):
+    """--connectivity-block-size against the model's weights (admm.check_block_size), as a UserError."""
+    try:
+        admm.check_block_size([p.shape for p in model.parameters()], tuple(block_size))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def faster(model, args, clip):
     """`(fast, report)`: `model` (eval mode, float32, on the CPU or one device) in the fastest form this
     package has for its pruning (models.slim.faster_model), each KGS layer chosen by measuring it on
@@ -1313,10 +1319,6 @@ def faster(model, args, clip):
     from models.slim import faster_model
     from models.sparse_conv import interleaved_medians
     dense = copy.deepcopy(model).eval()
-    try:
-        admm.check_block_size([p.shape for p in model.parameters()], tuple(args.connectivity_block_size))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     with torch.no_grad():      # not inference_mode: its tensors could not be traced for ONNX afterwards
         fast, report = faster_model(model, args.arch, args.sparsity_type, tuple(args.connectivity_block_size),
                                     example_input=clip)
@@ -1343,9 +1345,10 @@ def run_evaluate(args, env, spec, recipe):
     meta = load_into(model, path, args.arch)
     for note in guard_bf16(model, recipe.amp_dtype, spec, env.device):
         log.info(note)
-    report = profile_flops.profile(copy.deepcopy(model).cpu(), spec.num_frames, spec.crop)
+    report = profile_flops.profile(model, spec.num_frames, spec.crop)      # reads the model, on any device
     speed = None
     if args.sparse_exec:
+        check_block(model, args.connectivity_block_size)
         clips, _ = next(iter(data.val))
         model, speed = faster(model.eval(), args, to_device(clips, env.device))
         net = model             # no DDP around it: nothing to synchronise, evaluate() sums over processes

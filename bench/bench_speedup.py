@@ -21,7 +21,6 @@ GEMMs with their padding, dense layers in full). Prints Markdown tables (and wri
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import admm  # noqa: E402
 import profile_flops  # noqa: E402
 from models import DEFAULT_GEOMETRY, build_model  # noqa: E402
 from models.slim import macs, slim_model  # noqa: E402
-from models.sparse_conv import KGSConv3d, sparse_exec  # noqa: E402
+from models.sparse_conv import KGSConv3d, interleaved_medians, sparse_exec  # noqa: E402
 
 PROFILES = {'c3d': ['c3d_2.53x_v2', 'c3d_3.57x'], 'r2+1d': ['r2+1d-pretrained_2.56x', 'r2+1d-pretrained_3.20x']}
 BLOCKS = ['8x4', '16x4', '32x8', '64x16', 'all']
@@ -55,17 +54,11 @@ def block_name(block):
     return 'all' if block[0] >= ALL_FILTERS else f'{block[0]}x{block[1]}'
 
 
-def interleaved(fns, reps, warmup=1):
-    """Median seconds of each callable, called in turn `reps` times after `warmup` rounds."""
-    times = {k: [] for k in fns}
+def interleaved(fns, reps):
+    """Median seconds of each named callable, called in turn `reps` times after one warm-up round
+    (`models.sparse_conv.interleaved_medians`), without gradients."""
     with torch.no_grad():
-        for i in range(warmup + reps):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return dict(zip(fns, interleaved_medians(list(fns.values()), reps)))
 
 
 @torch.no_grad()
