@@ -11,14 +11,17 @@ import os
 import torch
 import yaml
 
-from models import strip_module_prefix
-
 # Types cut into gM x gN blocks (`--connectivity-block-size`): the run name gets `-r{gM}c{gN}`.
 BLOCK_TYPES = ('blk-kgs', 'blk-vanilla', 'kgr', 'kgc')
 SPARSITY_TYPES = BLOCK_TYPES + ('filter', 'irregular')
 BALANCED_TYPES = ('kgr', 'kgc')   # every block prunes as many groups; scored by the plain L2 norm
 KGC_CHUNK = 9          # kgc: kernel positions per chunk (3x3x3 kernels give 3 chunks)
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'profiles')
+
+
+def strip_module_prefix(name):
+    """`module.conv1.weight` (as DataParallel saved it) -> `conv1.weight`."""
+    return name[len('module.'):] if name.startswith('module.') else name
 
 
 # ----------------------------------------------------------------------------- groups
@@ -393,7 +396,30 @@ class _Penalty(torch.autograd.Function):
         return (None, None, None) + tuple(r.mul_(scale) for r in ctx.residuals)
 
 
-class ADMM:
+class Regulariser:
+    """What the training loop sees of a pruning regulariser (ADMM, Reweighted): `start()` at the
+    start of a stage, `on_epoch(e)` before epoch e, `loss()` added to every batch, `report()` per
+    weight, `tensors()` that data-parallel processes must agree on, and its state for --resume."""
+    UPDATED = 'updated'
+
+    def start(self):
+        raise NotImplementedError
+
+    def update(self):
+        raise NotImplementedError
+
+    def due(self, epoch):
+        raise NotImplementedError
+
+    def on_epoch(self, epoch):
+        """Run the periodic update if `epoch` (1-based) is due; return whether it was."""
+        if self.due(epoch):
+            self.update()
+            return True
+        return False
+
+
+class ADMM(Regulariser):
     """Z and U for the profiled weights, and the augmented-Lagrangian penalty.
 
     `prune_ratios` / `sparsity_type` are one profile and type, or lists of both (several
@@ -409,8 +435,7 @@ class ADMM:
         self.rules = weight_rules(prune_ratios, sparsity_type)
         self.params = prunable_parameters(model, self.rules)
         check_rules(self.params, self.rules, block_size)
-        self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
-        self.rho, self.sparsity_type, self.block_size, self.penalty = rho, sparsity_type, tuple(block_size), penalty
+        self.rho, self.block_size, self.penalty = rho, tuple(block_size), penalty
         self.update_every = update_every
         self.Z, self.U = {}, {}
         self._masks, self._offsets = [], []
@@ -423,7 +448,6 @@ class ADMM:
             self.U[name] = torch.zeros_like(w)
         self._precompute()
 
-    # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
     start = initialize
     UPDATED = 'Z and U updated'
 
@@ -435,13 +459,6 @@ class ADMM:
         """Whether Z and U are updated at the first batch of `epoch` (1-based): every
         `update_every` epochs, never at the first."""
         return epoch != 1 and (epoch - 1) % self.update_every == 0
-
-    def on_epoch(self, epoch):
-        """Update Z and U if `epoch` is due; return whether it was."""
-        if self.due(epoch):
-            self.update()
-            return True
-        return False
 
     @torch.no_grad()
     def update(self):
@@ -495,7 +512,7 @@ class ADMM:
 
 # ----------------------------------------------------------------------------- reweighted regularisation
 
-class Reweighted:
+class Reweighted(Regulariser):
     """The RT3D paper's reweighted group regularisation: `penalty * sum_g alpha_g * ||w_g||_2`
     over the groups of every profiled weight, `alpha_g = 1 / (||w_g||^2 + eps)` frozen between
     `reweight()` calls, so groups that are already small are pushed hardest toward zero.
@@ -513,8 +530,7 @@ class Reweighted:
         kinds = {name: [kind for ratio, kind in listed if ratio > 0] for name, listed in rules.items()}
         self.rules = {name: listed for name, listed in kinds.items() if listed}
         self.params = prunable_parameters(model, self.rules)
-        self.prune_ratios = dict(prune_ratios) if isinstance(prune_ratios, dict) else [dict(p) for p in prune_ratios]
-        self.penalty, self.sparsity_type, self.block_size, self.eps = penalty, sparsity_type, tuple(block_size), eps
+        self.penalty, self.block_size, self.eps = penalty, tuple(block_size), eps
         # The follow-up divides the penalty by the number of profiles, so two profiles at once
         # do not regularise twice as hard as one.
         self.profiles = len(profile_pairs(prune_ratios, sparsity_type))
@@ -539,8 +555,7 @@ class Reweighted:
                 real = group_sizes(w.shape, kind, self.block_size, w.device) > 0
                 self.alpha[name].append((real / (norms.square() + self.eps)).to(w.dtype))
 
-    # The training loop's view: start(), on_epoch(e) before epoch e, loss() per batch.
-    start = reweight
+    start = update = reweight
     UPDATED = 'group weights recomputed'
 
     def tensors(self):
@@ -551,13 +566,6 @@ class Reweighted:
         """Whether alpha is recomputed at the first batch of `epoch` (1-based): the epoch after a
         milestone, as the follow-up does."""
         return epoch > 1 and epoch - 1 in self.milestones
-
-    def on_epoch(self, epoch):
-        """Recompute alpha if `epoch` is due; return whether it was."""
-        if self.due(epoch):
-            self.reweight()
-            return True
-        return False
 
     def loss(self):
         """`penalty / profiles * sum_g alpha_g ||w_g||` for the current weights (a scalar with a
@@ -651,11 +659,6 @@ class Masks:
         masks = [m for p, m in zip(self.params, self.masks) if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, masks)
-
-    @torch.no_grad()
-    def apply_to_weights(self):
-        if self.params:
-            torch._foreach_mul_(self.params, self.masks)
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@
         [--epochs 3] [--amp] [--channels-last] [--data DIR] [--device cpu|cuda]
 
 In one run, on the same model, batch and precision:
-  (a) the ceiling: opt_main's training step alone, on random clips already on the device;
-  (b) the loop: `opt_main.train_one_epoch` over an LMDB of synthetic videos at the clip size
+  (a) the ceiling: the training step alone, on random clips already on the device;
+  (b) the loop: `training.engine.train_one_epoch` over an LMDB of synthetic videos at the clip size
       (our loader: uint8 clips normalised on the device, workers kept across epochs), giving
       steady-state clips/s (each epoch after its first 2 batches) and seconds per epoch;
   (c) loop / ceiling;
@@ -27,9 +27,12 @@ from torch.utils.data import DataLoader
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-import opt_main  # noqa: E402
 from dataset import VideoDataSetLMDB, get_augmentor  # noqa: E402
 from models import build_model  # noqa: E402
+from training.data import DataSpec, make_data  # noqa: E402
+from training.engine import Recipe, Updater, train_one_epoch  # noqa: E402
+from training.optim import amp_dtype, guard_bf16, make_optimizer  # noqa: E402
+from training.runtime import Env  # noqa: E402
 
 
 class Timed:
@@ -63,15 +66,15 @@ def prepare(data, crop, videos_per_class, python=sys.executable):
 
 def measure(model, loader, recipe, device, epochs, seed_sampler):
     """(steady clips/s, seconds per epoch) of `epochs` epochs of train_one_epoch over `loader`."""
-    optimizer = opt_main.make_optimizer(model.parameters(), 'sgd', 1e-4, 0.9, 5e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    optimizer = make_optimizer(model.parameters(), 'sgd', 1e-4, 0.9, 5e-4)
+    updater = Updater(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
     criterion = torch.nn.CrossEntropyLoss()
     timed = Timed(loader)
     rates, seconds = [], []
     for epoch in range(1, epochs + 1):
         seed_sampler(epoch)
         start = time.perf_counter()
-        opt_main.train_one_epoch(model, timed, optimizer, scheduler, criterion, device, epoch, recipe)
+        train_one_epoch(model, timed, updater, criterion, device, epoch, recipe)
         if device.type == 'cuda':
             torch.cuda.synchronize()
         end = time.perf_counter()
@@ -86,14 +89,14 @@ def ceiling(model, recipe, device, batch, shape, classes, steps):
     """Clips/s of the training step alone on random clips resident on the device."""
     clips = [(torch.randn(batch, *shape, device=device), torch.randint(0, classes, (batch,), device=device))
              for _ in range(steps)]
-    optimizer = opt_main.make_optimizer(model.parameters(), 'sgd', 1e-4, 0.9, 5e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    optimizer = make_optimizer(model.parameters(), 'sgd', 1e-4, 0.9, 5e-4)
+    updater = Updater(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
     criterion = torch.nn.CrossEntropyLoss()
-    opt_main.train_one_epoch(model, clips[:2], optimizer, scheduler, criterion, device, 0, recipe)   # warm up
+    train_one_epoch(model, clips[:2], updater, criterion, device, 0, recipe)   # warm up
     rates = []
     for _ in range(3):
         start = time.perf_counter()
-        opt_main.train_one_epoch(model, clips, optimizer, scheduler, criterion, device, 0, recipe)
+        train_one_epoch(model, clips, updater, criterion, device, 0, recipe)
         if device.type == 'cuda':
             torch.cuda.synchronize()
         rates.append(batch * steps / (time.perf_counter() - start))
@@ -115,21 +118,21 @@ def main():
     args = p.parse_args()
 
     device = torch.device(args.device)
-    env = opt_main.Env(device, 0, 1, 1)
+    env = Env(device, 0, 1, 1)
     data = args.data or tempfile.mkdtemp(prefix='pipeline_')
     prepare(data, args.crop_size, -(-args.batches * args.batch_size // 5))
     crop, scale = args.crop_size, (args.crop_size * 8 // 7, args.crop_size * 8 // 7)
     root = os.path.join(data, 'ucf101_frame')
-    spec = opt_main.DataSpec(root=root, dataset='ucf101', num_frames=16, crop=crop, scale=scale,
-                             temporal_jitter=False, batch_size=args.batch_size, test_batch_size=args.batch_size,
-                             workers=args.workers, seed=1, num_classes=5)
-    ours = opt_main.make_data(spec, env).train
+    spec = DataSpec(root=root, dataset='ucf101', num_frames=16, crop=crop, scale=scale,
+                    temporal_jitter=False, batch_size=args.batch_size, test_batch_size=args.batch_size,
+                    workers=args.workers, seed=1, num_classes=5)
+    ours = make_data(spec, env).train
     original_set = VideoDataSetLMDB(os.path.join(root, 'train.lmdb'), os.path.join(root, 'train.txt'),
                                     num_groups=16, transform=get_augmentor(True, crop, scale), is_train=True)
     original = DataLoader(original_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                           num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
 
-    precisions = [None] + ([opt_main.amp_dtype(True, None, device)] if args.amp else [])
+    precisions = [None] + ([amp_dtype(True, None, device)] if args.amp else [])
     rows = []
     for name, loader, dtype in [('original: float clips, new workers each epoch', original, None)] + \
             [('ours: uint8 clips, persistent workers', ours, d) for d in precisions]:
@@ -138,10 +141,10 @@ def main():
         channels_last = args.channels_last and dtype is not None
         if channels_last:
             model.to(memory_format=torch.channels_last_3d)
-        recipe = opt_main.Recipe(epochs=1, optimizer='sgd', lr=1e-4, momentum=0.9, weight_decay=5e-4,
-                                 amp_dtype=dtype, channels_last=channels_last, log_interval=10 ** 6)
+        recipe = Recipe(epochs=1, optimizer='sgd', lr=1e-4, momentum=0.9, weight_decay=5e-4,
+                        amp_dtype=dtype, channels_last=channels_last, log_interval=10 ** 6)
         if dtype is not None:
-            opt_main.guard_bf16(model, dtype, spec, device)
+            guard_bf16(model, dtype, spec.num_frames, spec.crop, device)
         top = ceiling(model, recipe, device, args.batch_size, (3, 16, crop, crop), 5, args.batches)
         seed = (lambda e: loader.sampler.set_epoch(e)) if loader is ours else (lambda e: torch.manual_seed(e))
         rate, seconds = measure(model, loader, recipe, device, args.epochs, seed)

@@ -1,22 +1,61 @@
 """Model registry: `build_model(arch, num_classes)` and `load_weights(model, path)`."""
+import dataclasses
 import os
 import pickle
+from collections.abc import Callable
 
 import torch
+
+from admm import strip_module_prefix  # noqa: F401  (re-exported: checkpoints' names)
 
 from .c3d import C3D
 from .r2plus1d import r2plus1d
 from .s3d import S3D
 
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Everything the tool knows of one `--arch`: adding an architecture is adding one entry."""
+    build: Callable                  # build(num_classes, num_frames, crop_size, pretrained, **kw) -> nn.Module
+    crop_size: int                   # clip height and width
+    scale_range: tuple               # short side before cropping: training draws from it, validation takes the low end
+    default_profile: str             # --config-file when none is given (the original's recipe profile)
+    baselines: dict                  # dataset -> file name of the original's downloadable baseline
+    num_frames: int = 16
+
+
+def _c3d(num_classes, num_frames, crop_size, pretrained, **kw):
+    return C3D(num_classes, num_frames=num_frames, crop_size=crop_size, **kw)
+
+
+def _r2plus1d(pretrained_default):
+    def build(num_classes, num_frames, crop_size, pretrained, **kw):
+        return r2plus1d(num_classes, pretrained=pretrained_default if pretrained is None else pretrained, **kw)
+    return build
+
+
+def _s3d(num_classes, num_frames, crop_size, pretrained, **kw):
+    return S3D(num_classes, **kw)
+
+
+_R2PLUS1D_BASELINES = {'ucf101': 'ucf101_r2+1d-pretrained_transfer_epoch-14_top1-93.981.pt',
+                       'hmdb51': 'hmdb51_r2+1d-pretrained_transfer_epoch-20_top1-71.300.pt'}
+ARCHITECTURES = {
+    'c3d': Architecture(_c3d, 112, (128, 128), 'c3d_2.53x_v2',
+                        {'ucf101': 'ucf101_c3d_transfer_epoch-14_top1-81.571.pt',
+                         'hmdb51': 'hmdb51_c3d_transfer_epoch-18_top1-53.458.pt'}),
+    'r2+1d': Architecture(_r2plus1d(False), 112, (128, 128), 'r2+1d-pretrained_2.56x', _R2PLUS1D_BASELINES),
+    'r2+1d-pretrained': Architecture(_r2plus1d(True), 112, (128, 128), 'r2+1d-pretrained_2.56x',
+                                     _R2PLUS1D_BASELINES),
+    's3d': Architecture(_s3d, 224, (256, 320), 's3d_2.09x',
+                        {'ucf101': 'ucf101-s3d-ts-max-f16-multisteps-bs32-e20_epoch-20_top1-90.573.pt',
+                         'hmdb51': 'hmdb51-s3d-ts-max-f16-multisteps-bs32-e20_epoch-17_top1-67.151.pt'}),
+}
+ARCHS = tuple(ARCHITECTURES)
 # Clip geometry per architecture (DATA_AND_MODELS.md): frames, crop, and the short-side
 # scale range for training (validation uses the lower end).
-DEFAULT_GEOMETRY = {
-    'c3d': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
-    'r2+1d': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
-    'r2+1d-pretrained': dict(num_frames=16, crop_size=112, scale_range=(128, 128)),
-    's3d': dict(num_frames=16, crop_size=224, scale_range=(256, 320)),
-}
-ARCHS = tuple(DEFAULT_GEOMETRY)
+DEFAULT_GEOMETRY = {name: dict(num_frames=a.num_frames, crop_size=a.crop_size, scale_range=a.scale_range)
+                    for name, a in ARCHITECTURES.items()}
 
 
 def build_model(arch, num_classes, num_frames=16, crop_size=None, pretrained=None, **kw):
@@ -25,21 +64,15 @@ def build_model(arch, num_classes, num_frames=16, crop_size=None, pretrained=Non
     `num_frames` / `crop_size` matter to C3D only (its fc6 size follows the clip). `pretrained`
     defaults to True for `r2+1d-pretrained` (Kinetics-400 weights) and is ignored elsewhere.
     """
-    if arch not in DEFAULT_GEOMETRY:
+    if arch not in ARCHITECTURES:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    crop_size = crop_size or DEFAULT_GEOMETRY[arch]['crop_size']
-    if arch == 'c3d':
-        return C3D(num_classes, num_frames=num_frames, crop_size=crop_size, **kw)
-    if arch in ('r2+1d', 'r2+1d-pretrained'):
-        if pretrained is None:
-            pretrained = arch == 'r2+1d-pretrained'
-        return r2plus1d(num_classes, pretrained=pretrained, **kw)
-    return S3D(num_classes, **kw)
+    a = ARCHITECTURES[arch]
+    return a.build(num_classes, num_frames, crop_size or a.crop_size, pretrained, **kw)
 
 
-def strip_module_prefix(name):
-    """`module.conv1.weight` (as DataParallel saved it) -> `conv1.weight`."""
-    return name[len('module.'):] if name.startswith('module.') else name
+def original_baseline(arch, dataset):
+    """File name of the original's baseline for `arch` on `dataset`, or None."""
+    return ARCHITECTURES[arch].baselines.get(dataset) if arch in ARCHITECTURES else None
 
 
 class CheckpointError(RuntimeError):

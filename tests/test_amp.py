@@ -9,8 +9,8 @@ import torch
 from runner import GEOMETRY, RUN, run
 
 import admm
-import opt_main
 from models import build_model, read_checkpoint
+from training import engine, optim
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 PRUNE = ['--config-file', 'c3d_2.53x_v2', '--rho', 0.01, '--rho-num', 1, '--max-batches', 2]
@@ -18,9 +18,9 @@ PRUNE = ['--config-file', 'c3d_2.53x_v2', '--rho', 0.01, '--rho-num', 1, '--max-
 
 def test_amp_picks_bf16_on_the_cpu_and_honours_a_forced_dtype():
     cpu = torch.device('cpu')
-    assert opt_main.amp_dtype(False, None, cpu) is None
-    assert opt_main.amp_dtype(True, None, cpu) == torch.bfloat16
-    assert opt_main.amp_dtype(True, 'fp16', cpu) == torch.float16
+    assert optim.amp_dtype(False, None, cpu) is None
+    assert optim.amp_dtype(True, None, cpu) == torch.bfloat16
+    assert optim.amp_dtype(True, 'fp16', cpu) == torch.float16
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +72,7 @@ def test_tensorboard_logs_the_epoch_figures(amp_runs):
 def test_the_optimiser_under_a_scaler_skips_steps_with_infinite_gradients(name):
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
-    opt = opt_main.make_optimizer(model.parameters(), name, 0.1, 0.9, 1e-3, scaled=True)
+    opt = optim.make_optimizer(model.parameters(), name, 0.1, 0.9, 1e-3, scaled=True)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
     for poisoned in (False, True, False):
         before = [p.detach().clone() for p in model.parameters()]
@@ -106,16 +106,17 @@ def test_cuda_mixed_precision_keeps_the_loss_finite_and_pruned_weights_zero(dtyp
     masks = admm.Masks(model)
     reg = admm.ADMM(model, ratios, rho=1e-3)
     reg.start()
-    recipe = opt_main.Recipe(epochs=1, optimizer='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4,
+    recipe = engine.Recipe(epochs=1, optimizer='sgd', lr=1e-3, momentum=0.9, weight_decay=5e-4,
                              amp_dtype=dtype, channels_last=True, log_interval=100)
     model.to(memory_format=torch.channels_last_3d)
     scaler = torch.amp.GradScaler('cuda', enabled=dtype == torch.float16)
-    opt = opt_main.make_optimizer(model.parameters(), 'sgd', 1e-3, 0.9, 5e-4, scaled=scaler.is_enabled())
+    opt = optim.make_optimizer(model.parameters(), 'sgd', 1e-3, 0.9, 5e-4, scaled=scaler.is_enabled())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loader = [(torch.randint(0, 256, (4, 3, 16, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (4,)))
               for _ in range(6)]
-    loss, _ = opt_main.train_one_epoch(model, loader, opt, sched, torch.nn.CrossEntropyLoss(), device, 1, recipe,
-                                       scaler=scaler if scaler.is_enabled() else None, regulariser=reg, masks=masks)
+    updater = engine.Updater(opt, sched, scaler if scaler.is_enabled() else None)
+    loss, _ = engine.train_one_epoch(model, loader, updater, torch.nn.CrossEntropyLoss(), device, 1, recipe,
+                                     regulariser=reg, masks=masks)
     assert np.isfinite(loss)
     for p, m in zip(masks.params, masks.masks):
         assert p.dtype == torch.float32 and not p[m == 0].any()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import admm
-import opt_main
 from options import get_parser, parse_args
+from training import engine, optim
 
 # The original README's two commands, and the option lists of its recipe scripts (C3D, R(2+1)D,
 # S3D; ADMM then masked retraining), as users paste them.
@@ -116,8 +116,8 @@ def lr_per_epoch(scheduler_of, epochs, steps=3, lr=1.0):
     (6, [1, 1, .5, .5, .25, .25, 1]),
 ])
 def test_admm_learning_rate_is_the_originals_formula(admm_epochs, expected):
-    rates = lr_per_epoch(lambda opt, steps: opt_main.epoch_scheduler(
-        opt, lambda e: opt_main.admm_lr_factor(e, admm_epochs), steps), len(expected))
+    rates = lr_per_epoch(lambda opt, steps: optim.epoch_scheduler(
+        opt, lambda e: optim.admm_lr_factor(e, admm_epochs), steps), len(expected))
     assert rates == pytest.approx(expected)
 
 
@@ -125,15 +125,15 @@ def test_rew_learning_rate_follows_the_follow_up():
     # At the first batch of every epoch e > 1: x1.6 if e - 1 is a milestone, else x0.98.
     milestones = {2, 3}
     expected = [1.0, 0.98, 0.98 * 1.6, 0.98 * 1.6 * 1.6, 0.98 * 1.6 * 1.6 * 0.98]
-    rates = lr_per_epoch(lambda opt, steps: opt_main.epoch_scheduler(
-        opt, lambda e: opt_main.rew_lr_factor(e, milestones), steps), 5)
+    rates = lr_per_epoch(lambda opt, steps: optim.epoch_scheduler(
+        opt, lambda e: optim.rew_lr_factor(e, milestones), steps), 5)
     assert rates == pytest.approx(expected)
 
 
 def test_cosine_anneals_to_the_originals_4e_8():
     steps, epochs = 4, 3
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
-    sched = opt_main.make_scheduler(opt, 'cosine', 5e-4, epochs, steps)
+    sched = optim.make_scheduler(opt, 'cosine', 5e-4, epochs, steps)
     for _ in range(epochs * steps):
         opt.step()
         sched.step()
@@ -141,7 +141,7 @@ def test_cosine_anneals_to_the_originals_4e_8():
 
 
 def test_default_scheduler_halves_every_int_fifth_of_the_epochs():
-    rates = lr_per_epoch(lambda opt, steps: opt_main.make_scheduler(opt, 'default', 1.0, 12, steps), 12)
+    rates = lr_per_epoch(lambda opt, steps: optim.make_scheduler(opt, 'default', 1.0, 12, steps), 12)
     # int(0.2 * 12) = 2 epochs per halving
     assert rates == pytest.approx([0.5 ** (e // 2) for e in range(12)])
 
@@ -149,7 +149,7 @@ def test_default_scheduler_halves_every_int_fifth_of_the_epochs():
 def test_warmup_longer_than_the_run_ramps_without_finishing():
     steps, warmup_epochs, lr, warmup_lr = 4, 5, 5e-4, 1e-5
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    sched = opt_main.make_scheduler(opt, 'cosine', lr, 1, steps, warmup_epochs, warmup_lr)
+    sched = optim.make_scheduler(opt, 'cosine', lr, 1, steps, warmup_epochs, warmup_lr)
     seen = []
     for _ in range(steps):
         seen.append(opt.param_groups[0]['lr'])
@@ -190,12 +190,12 @@ def accumulate_vs_one_batch(accum, groups, sizes, masks=False, penalty=False):
             loader = Batches([(torch.cat([c for c, _ in data[a:b]]), torch.cat([y for _, y in data[a:b]]))
                               for a, b in zip(cut, cut[1:])])
             recipe_accum = 1
-        recipe = opt_main.Recipe(epochs=1, optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=1e-3,
+        recipe = engine.Recipe(epochs=1, optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=1e-3,
                                  accum_steps=recipe_accum, log_interval=100)
-        opt = opt_main.make_optimizer(model.parameters(), 'sgd', 0.1, 0.9, 1e-3)
+        opt = optim.make_optimizer(model.parameters(), 'sgd', 0.1, 0.9, 1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        opt_main.train_one_epoch(model, loader, opt, sched, torch.nn.CrossEntropyLoss(), torch.device('cpu'), 1,
-                                 recipe, regulariser=reg, masks=keep)
+        engine.train_one_epoch(model, loader, engine.Updater(opt, sched), torch.nn.CrossEntropyLoss(),
+                               torch.device('cpu'), 1, recipe, regulariser=reg, masks=keep)
         results.append(([p.detach().clone() for p in model.parameters()], sched.last_epoch))
     return results
 
@@ -219,8 +219,8 @@ def test_the_epochs_last_short_group_steps_too():
 
 
 def test_steps_per_epoch_count_the_short_group():
-    assert [opt_main.steps_per_epoch(b, 4) for b in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
-    assert math.ceil(10 / 1) == opt_main.steps_per_epoch(10, 1)
+    assert [optim.steps_per_epoch(b, 4) for b in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert math.ceil(10 / 1) == optim.steps_per_epoch(10, 1)
 
 
 def test_help_documents_every_original_option():

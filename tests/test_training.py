@@ -132,16 +132,16 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(trained, data,
 
 
 def test_atomic_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    import opt_main
+    from training.files import atomic_save
     path = str(tmp_path / 'model.pt')
-    opt_main.atomic_save({'x': torch.ones(3)}, path)
+    atomic_save({'x': torch.ones(3)}, path)
 
     def broken(obj, f):
         f.write(b'half a checkpoint')
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', broken)
     with pytest.raises(KeyboardInterrupt):
-        opt_main.atomic_save({'x': torch.zeros(3)}, path)
+        atomic_save({'x': torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(3))
 
 

@@ -1,0 +1,241 @@
+"""Every file of a run: atomic writes, the run directory's lock, the original's file names, and
+where the baseline a pruning run starts from is found."""
+import contextlib
+import glob
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import admm
+from models import original_baseline
+
+from .runtime import UserError, is_main, log, on_main_first
+
+
+@contextlib.contextmanager
+def written_atomically(path: str):
+    """Yield a temporary name beside `path` to write; it becomes `path` by a rename when the block
+    succeeds and is removed when it fails. A kill at any moment leaves the previous file intact (and
+    a `.tmp{pid}` file that the next run in this folder removes)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path: str) -> None:
+    """`torch.save` through `written_atomically`, synced to disk before the rename (rank 0 only)."""
+    if not is_main():
+        return
+    with written_atomically(path) as tmp, open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _start_time(pid):
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid, host=None, started=None):
+    if host not in (None, socket.gethostname()):
+        return True                          # another machine's process: we cannot tell, so assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or _start_time(pid) in (None, started)
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete `*.tmp{pid}` files that a save killed half-way left behind (their process is gone)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), '*.tmp*')):
+        found = re.search(r'\.tmp(\d+)$', path)
+        if found and not _alive(int(found.group(1))):
+            size = os.path.getsize(path)
+            os.remove(path)
+            log.info(f"removed {path} ({size / 2**20:.0f} MiB), left by a save that was killed")
+
+
+class RunLock:
+    """A lock file beside a run directory: the pid, host and command of the run writing there.
+    A second run refuses to start; a lock whose process is gone is taken over."""
+    held_locks = []            # released when main() ends, however it ends
+
+    def __init__(self, path):
+        self.path, self.held = path, False
+
+    def acquire(self):
+        me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _start_time(os.getpid()),
+              'since': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': ' '.join(sys.argv)}
+        os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                other = self._read()
+                if other is None:            # being written by a run starting this instant
+                    time.sleep(0.05)
+                    continue
+                if _alive(other.get('pid', -1), other.get('host'), other.get('started')):
+                    raise UserError(
+                        f"another run is writing here: pid {other.get('pid')} on {other.get('host')}, since "
+                        f"{other.get('since')}: {other.get('command')}\n(lock file {self.path}). Wait for it to "
+                        f"finish, or use another --ckpt-root; if that process is gone, delete the lock file")
+                log.info(f"taking over the lock {self.path} of pid {other.get('pid')}, which no longer runs")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+            self.held = True
+            RunLock.held_locks.append(self)
+            return
+        raise UserError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            if time.time() - os.path.getmtime(self.path) > 10:     # unreadable and old: a dead writer's
+                return {'pid': -1}
+            return None
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+            RunLock.held_locks.remove(self)
+
+
+def first_free(name_of) -> str:
+    """`name_of(n)` for the smallest n >= 1 that names nothing on disk."""
+    n = 1
+    while os.path.exists(name_of(n)):
+        n += 1
+    return name_of(n)
+
+
+class RunFiles:
+    """Every file of a run, by the original's names.
+
+    A pruning run lives in `{ckpt_root}/{dataset}_{arch}_{types}[-r{gM}c{gN}]/`; a baseline is
+    `{ckpt_root}/{dataset}_{arch}_baseline...`. Trained results are renamed
+    `{stem}_epoch-{E}_top1-{acc:.3f}.pt` at the end, never over an existing file.
+    """
+
+    def __init__(self, ckpt_root, name, folder, rho_num=None, distill=False, profiles=1):
+        self.root, self.name, self.dir = ckpt_root, name, folder
+        self.rho_num, self.distill, self.n_profiles = rho_num, distill, profiles
+        self.lock = RunLock(os.path.join(ckpt_root, name + '.lock'))
+        self.moved_to = None
+
+    @classmethod
+    def baseline(cls, ckpt_root, dataset, arch):
+        return cls(ckpt_root, f"{dataset}_{arch}_baseline", ckpt_root)
+
+    @classmethod
+    def pruning(cls, ckpt_root, dataset, arch, sparsity_types, block_size, rho_num, distill=False):
+        types = '+'.join(dict.fromkeys(sparsity_types))
+        block = any(t in admm.BLOCK_TYPES for t in sparsity_types)
+        name = f"{dataset}_{arch}_{types}" + (f"-r{block_size[0]}c{block_size[1]}" if block else "")
+        return cls(ckpt_root, name, os.path.join(ckpt_root, name), rho_num, distill, len(sparsity_types))
+
+    def path(self, file_name):
+        return os.path.join(self.dir, file_name)
+
+    @property
+    def profiles(self):
+        """Copies of the profiles as the pruning phase read them (retraining uses these)."""
+        if self.n_profiles == 1:
+            return [self.path(f"{self.name}.yaml")]
+        return [self.path(f"{self.name}_{i + 1}.yaml") for i in range(self.n_profiles)]
+
+    def stage(self, rho):
+        return self.path(f"{self.name}_{rho:g}.pt")
+
+    def resume(self, phase):
+        """The resume point of `phase`: baseline, admm, rew (retraining: `result(...)` + `_last.pt`)."""
+        return self.path(f"{self.name}_last.pt" if phase == 'baseline' else f"{self.name}_{phase}_last.pt")
+
+    @property
+    def rew(self):
+        return self.path(f"{self.name}_rew.pt")
+
+    def log(self, phase):
+        return self.path(f"{self.name}.log" if phase == 'baseline' else f"{self.name}_{phase}.log")
+
+    def tensorboard(self, phase):
+        if phase == 'baseline':
+            return os.path.join(self.root, 'tensorboard', self.name)
+        return os.path.join(self.dir, 'tensorboard', 'retrain' if phase == 'masked_retrain' else phase)
+
+    def result(self, method):
+        """Stem of a trained model: the baseline, or the retrained model after `method` (admm:
+        `{run}_{R}rhos`, the original's name; rew: `{run}_rew_retrained`; oneshot: `{run}_oneshot`)."""
+        if method == 'baseline':
+            return self.path(self.name)
+        stem = {'admm': f"{self.name}_{self.rho_num}rhos", 'rew': f"{self.name}_rew_retrained",
+                'oneshot': f"{self.name}_oneshot"}[method]
+        return self.path(stem + ('_distill' if self.distill else ''))
+
+    def final(self, stem, epoch, top1):
+        """`{stem}_epoch-{E}_top1-{acc}.pt`, or `{stem}_v2_epoch-...` (v3, ...) if that exists."""
+        return first_free(lambda n: f"{stem}{f'_v{n}' if n > 1 else ''}_epoch-{epoch}_top1-{top1:.3f}.pt")
+
+    def start(self, fresh):
+        """Take the lock, then (fresh pruning run) move an existing directory aside to
+        `_v1`, `_v2`, ..., create the directory and remove what killed saves left."""
+        def action():
+            self.lock.acquire()
+            if fresh and self.dir != self.root and os.path.isdir(self.dir):
+                self.moved_to = first_free(lambda n: f"{self.dir}_v{n}")
+                os.rename(self.dir, self.moved_to)
+            os.makedirs(self.dir, exist_ok=True)
+        self.moved_to = None
+        on_main_first(action)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def tidy(self):
+        if is_main():
+            remove_stale_temporaries(self.dir)
+            if self.moved_to:
+                log.info(f"moved the previous run aside to {self.moved_to}")
+
+
+def find_baseline(ckpt_root: str, dataset: str, arch: str, data_location: str) -> str:
+    """The original's baseline file if present, else the newest baseline this tool trained."""
+    original = original_baseline(arch, dataset)
+    if original and os.path.isfile(os.path.join(ckpt_root, original)):
+        return os.path.join(ckpt_root, original)
+    pattern = os.path.join(ckpt_root, f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")
+    ours = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if ours:
+        return ours[-1]
+    looked = ([os.path.join(ckpt_root, original)] if original else []) + [pattern]
+    raise UserError(
+        f"no baseline checkpoint for {dataset} / {arch}: looked for {' and '.join(looked)}.\n"
+        f"Download the original's baseline into {ckpt_root}/ (README, 'Baseline models'), pass "
+        f"--load-path PATH, or train one: python opt_main.py --baseline --arch {arch} --dataset {dataset} "
+        f"--data_location {data_location}")
