@@ -15,6 +15,7 @@ import yaml
 BLOCK_TYPES = ('blk-kgs', 'blk-vanilla', 'kgr', 'kgc')
 SPARSITY_TYPES = BLOCK_TYPES + ('filter', 'irregular')
 BALANCED_TYPES = ('kgr', 'kgc')   # every block prunes as many groups; scored by the plain L2 norm
+PLAIN_NORM_TYPES = BALANCED_TYPES + ('filter',)   # scored by the plain L2 norm (no non-zero count)
 KGC_CHUNK = 9          # kgc: kernel positions per chunk (3x3x3 kernels give 3 chunks)
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'profiles')
 
@@ -108,15 +109,16 @@ def from_grid_view(view, weight_shape, sparsity_type):
 
 
 def group_scores(weight, sparsity_type, block_size=(8, 4)):
-    """Score of every group, laid out as the group grid (see `keep_groups`): L2 norm /
-    sqrt(max(1, non-zeros in the group)) (the original's rule), and the plain L2 norm for the
-    balanced kgr / kgc (the rule of the follow-up that defined them)."""
+    """Score of every group, laid out as the group grid (see `keep_groups`): for the block types
+    blk-kgs / blk-vanilla, L2 norm / sqrt(max(1, non-zeros in the group)) (the original's rule, which
+    keeps partly padded edge blocks comparable); the plain L2 norm for `filter` (the original's
+    filter rule) and for the balanced kgr / kgc (the rule of the follow-up that defined them)."""
     view, dims = grid_view(weight, sparsity_type, block_size)
     view = view.float()
     if not dims:                                           # one weight per group
         return view.abs()
     norms = view.square().sum(dim=dims, keepdim=True).sqrt_()
-    if sparsity_type in BALANCED_TYPES:
+    if sparsity_type in PLAIN_NORM_TYPES:
         return norms
     if torch.count_nonzero(weight) == weight.numel():
         # The common case (no zeros but the padding's) skips a full counting pass.

@@ -9,12 +9,9 @@ import argparse
 import os
 
 import admm
-from models import ARCHS, DEFAULT_GEOMETRY
+from models import ARCHITECTURES, ARCHS, DEFAULT_GEOMETRY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The original's default `--config-file c3d` names no file; each architecture gets its profile.
-DEFAULT_PROFILE = {'c3d': 'c3d_2.53x_v2', 'r2+1d': 'r2+1d-pretrained_2.56x',
-                   'r2+1d-pretrained': 'r2+1d-pretrained_2.56x', 's3d': 's3d_2.09x'}
 PHASES = ('baseline', 'admm', 'rew', 'masked_retrain', 'evaluate', 'export')
 # Accepted so the original's command lines run; the original parsed them and never used them.
 UNUSED_BY_THE_ORIGINAL = {'lr_decay': 30, 's': 0.0001, 'block_size': 8}
@@ -121,9 +118,9 @@ def get_parser():
     g.add_argument('--optmzr', default='sgd', choices=['sgd', 'adam'], help='optimiser')
     g.add_argument('--lr', type=positive, default=5e-4, help='learning rate')
     g.add_argument('--lr-decay', type=int, help=argparse.SUPPRESS)       # the original's, unused
-    g.add_argument('--momentum', type=fraction, default=0.9, help='SGD momentum')
+    g.add_argument('--momentum', type=fraction, default=0.9, help='SGD momentum (the original fixed it at 0.9)')
     g.add_argument('--weight-decay', '--wd', type=non_negative,
-                   help='weight decay (default: 5e-4 with SGD, none with Adam, as the original)')
+                   help="SGD's weight decay (default 5e-4; Adam takes none, as in the original)")
     g.add_argument('--lr-scheduler', default='cosine', choices=['default', 'multistep', 'cosine'],
                    help='retraining / baseline, stepped per batch: default halves every int(0.2 * epochs) '
                         'epochs; multistep halves at 45, 90, 120; cosine anneals to 4e-8')
@@ -134,9 +131,11 @@ def get_parser():
                    help='accumulate gradients over N batches (one step per N batches and at the end of an '
                         'epoch): 1 is the original RT3D, 4 the follow-up')
     g.add_argument('--amp', action='store_true',
-                   help='mixed precision: bf16 autocast where the device has it (CUDA with bf16, the CPU), else '
-                        'fp16 with a gradient scaler')
-    g.add_argument('--amp-dtype', choices=['bf16', 'fp16'], help='with --amp: force this precision')
+                   help='mixed precision: bf16 autocast where the device has it natively (CUDA with bf16, a CPU with '
+                        'AVX-512 BF16 / AMX), fp16 with a gradient scaler on other GPUs, float32 on other CPUs')
+    g.add_argument('--amp-dtype', choices=['bf16', 'fp16'],
+                   help='with --amp: force this precision (bf16 on a CPU without it natively is emulated: many '
+                        'times slower than float32)')
     g.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'],
                    help='channels_last_3d memory format (auto: on for CUDA with --amp, where it measured faster)')
 
@@ -147,10 +146,13 @@ def get_parser():
     g.add_argument('--mixup', action='store_true', help="the original's switch; mixup is on exactly when --alpha > 0")
     g.add_argument('--alpha', type=non_negative, default=0.0, help='mixup Beta(alpha, alpha) (0: off)')
     g.add_argument('--no-tricks', action='store_true',
-                   help='no smoothing, mixup, distillation or warmup; the default scheduler')
+                   help='no smoothing, mixup or warmup; the default scheduler (distillation stays, as in the original)')
     g.add_argument('--distill', action='store_true', help='distil from the dense baseline (off in the last 5 epochs)')
     g.add_argument('--teacharch', choices=ARCHS, help='teacher architecture (default: --arch)')
     g.add_argument('--teacher-path', help='teacher checkpoint (default: the baseline)')
+    g.add_argument('--teacher-mode', default='eval', choices=['eval', 'train'],
+                   help="eval: the teacher's dropout is off and its BatchNorm uses running statistics; train: as "
+                        "the original left it (dropout on, batch statistics)")
     g.add_argument('--temperature', type=positive, default=3.0, help='distillation temperature')
     g.add_argument('--kd-coefficient', type=_number(float, 0, high=1, high_ok=True), default=0.5,
                    help='weight of the distillation loss')
@@ -195,7 +197,8 @@ def parse_args(argv=None):
         parser.error('--amp-dtype goes with --amp')
     args.phase = phases[0]
     if not args.config_file:
-        args.config_file = [DEFAULT_PROFILE[args.arch]]
+        # The original's default `--config-file c3d` names no file; each architecture gets its profile.
+        args.config_file = [ARCHITECTURES[args.arch].default_profile]
     if len(args.config_file) != len(args.sparsity_type):
         if len(args.sparsity_type) == 1:
             args.sparsity_type = args.sparsity_type * len(args.config_file)
@@ -211,10 +214,15 @@ def parse_args(argv=None):
                      f'must be at least --crop-size')
 
     args.notes = []
-    if args.weight_decay is None:
-        args.weight_decay = 0.0 if args.optmzr == 'adam' else 5e-4
-    if args.no_tricks:
-        args.smooth_eps, args.alpha, args.distill, args.warmup = 0.0, 0.0, False, False
+    if args.optmzr == 'adam':
+        if args.weight_decay is not None:
+            args.notes.append(f"--weight-decay {args.weight_decay:g}: ignored with --optmzr adam (the original's Adam "
+                              f"takes no weight decay)")
+        args.weight_decay = 0.0
+    elif args.weight_decay is None:
+        args.weight_decay = 5e-4
+    if args.no_tricks:     # the original's --no-tricks leaves distillation as it is
+        args.smooth_eps, args.alpha, args.warmup = 0.0, 0.0, False
         args.lr_scheduler = 'default'
     for name, default in UNUSED_BY_THE_ORIGINAL.items():
         if getattr(args, name) is not None:

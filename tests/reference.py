@@ -20,7 +20,7 @@ def project_reference(weight, ratio, sparsity_type, block_size=(8, 4)):
     w3 = w.reshape(o, i, k)
     if sparsity_type == 'filter':
         groups = [[(f, c, p) for c in range(i) for p in range(k)] for f in range(o)]
-        return _prune(w3, groups, ratio).reshape(shape)
+        return _prune(w3, groups, ratio, per_nonzero=False).reshape(shape)
     gm, gn = block_size
     ob, ib = math.ceil(o / gm), math.ceil(i / gn)
     if sparsity_type in ('kgr', 'kgc'):
@@ -38,11 +38,13 @@ def project_reference(weight, ratio, sparsity_type, block_size=(8, 4)):
     return _prune(w3, groups, ratio).reshape(shape)
 
 
-def _prune(w, groups, ratio):
+def _prune(w, groups, ratio, per_nonzero=True):
+    """Groups scoring at or below the ratio's percentile are zeroed. The score is the L2 norm,
+    divided by sqrt(non-zeros) for the original's block types (`per_nonzero`), plain for `filter`."""
     scores = []
     for g in groups:
         vals = np.array([w[idx] for idx in g])
-        nnz = max(1, int(np.count_nonzero(vals)))
+        nnz = max(1, int(np.count_nonzero(vals))) if per_nonzero else 1
         scores.append(np.sqrt(np.sum(vals.astype(np.float64) ** 2)) / np.sqrt(nnz))
     threshold = np.percentile(np.array(scores), 100 * ratio)
     out = w.copy()

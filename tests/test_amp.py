@@ -16,19 +16,35 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 PRUNE = ['--config-file', 'c3d_2.53x_v2', '--rho', 0.01, '--rho-num', 1, '--max-batches', 2]
 
 
-def test_amp_picks_bf16_on_the_cpu_and_honours_a_forced_dtype():
+def test_amp_picks_bf16_only_where_the_cpu_has_it_and_honours_a_forced_dtype(monkeypatch):
     cpu = torch.device('cpu')
     assert optim.amp_dtype(False, None, cpu) is None
+    monkeypatch.setattr(optim, 'cpu_has_bf16', lambda: True)
     assert optim.amp_dtype(True, None, cpu) == torch.bfloat16
+    monkeypatch.setattr(optim, 'cpu_has_bf16', lambda: False)
+    assert optim.amp_dtype(True, None, cpu) is None              # emulated bf16 is many times slower: float32
+    assert optim.amp_dtype(True, 'bf16', cpu) == torch.bfloat16
     assert optim.amp_dtype(True, 'fp16', cpu) == torch.float16
+
+
+def test_amp_on_a_cpu_without_native_bf16_says_so_and_trains_in_float32(data, tmp_path):
+    out = run('--baseline', '--epochs', 1, '--max-batches', 1, '--data_location', data, '--ckpt-root', tmp_path,
+              '--amp', *GEOMETRY)
+    if optim.cpu_has_bf16():
+        assert 'mixed precision: bfloat16 autocast' in out.stdout
+    else:
+        assert '--amp: this CPU has no native bf16' in out.stdout
+        assert 'mixed precision' not in out.stdout
 
 
 @pytest.fixture(scope='module')
 def amp_runs(data, baseline, tmp_path_factory):
-    """Every training phase for a few batches under --amp on the CPU (bf16 autocast)."""
+    """Every training phase for a few batches in bf16 autocast on the CPU (forced where the CPU
+    emulates bf16, which `--amp` alone would not use)."""
     root = tmp_path_factory.mktemp('amp')
-    common = ['--data_location', data, '--ckpt-root', root, '--amp', *GEOMETRY, *PRUNE]
-    outs = {'baseline': run('--baseline', '--epochs', 1, '--data_location', data, '--ckpt-root', root, '--amp',
+    amp = ['--amp', '--amp-dtype', 'bf16']
+    common = ['--data_location', data, '--ckpt-root', root, *amp, *GEOMETRY, *PRUNE]
+    outs = {'baseline': run('--baseline', '--epochs', 1, '--data_location', data, '--ckpt-root', root, *amp,
                             '--max-batches', 2, '--tensorboard', *GEOMETRY),
             'admm': run('--admm', '--epochs', 2, '--admm-epochs', 1, '--load-path', baseline, *common),
             'retrain': run('--masked-retrain', '--epochs', 1, *common)}

@@ -250,6 +250,14 @@ def test_kgc_scores_positions_by_their_plain_l2_norm():
     assert not out[:, :, 0].any() and torch.equal(out[:, :, 1], w[:, :, 1])
 
 
+def test_filter_scores_filters_by_their_plain_l2_norm():
+    # The original's filter rule: filter 0 (one entry, norm 2) goes before filter 1 (four
+    # entries, norm 3); divided by sqrt(non-zeros) it would be the other way round (2 > 1.5).
+    w = torch.tensor([[2.0, 0, 0, 0], [1.5, 1.5, 1.5, 1.5]]).view(2, 4, 1, 1, 1)
+    out = admm.project(w, 0.5, 'filter')
+    assert not out[0].any() and torch.equal(out[1], w[1])
+
+
 def test_blk_kgs_keeps_the_original_normalisation_on_the_same_weights():
     w = torch.zeros(2, 2, 2, 1, 1)
     w[0, 0, 0] = 2.0

@@ -80,10 +80,21 @@ def test_defaults_are_the_originals(option, value):
     assert getattr(parse_args(['--admm']), option) == value
 
 
-def test_weight_decay_is_5e_4_with_sgd_and_none_with_adam_unless_given():
+def test_weight_decay_is_5e_4_with_sgd_and_adam_never_takes_any():
+    # The original: SGD(..., weight_decay=args.weight_decay) and Adam(params, lr) without it.
     assert parse_args(['--admm']).weight_decay == 5e-4
+    assert parse_args(['--admm', '--wd', '1e-4']).weight_decay == 1e-4
     assert parse_args(['--admm', '--optmzr', 'adam']).weight_decay == 0
-    assert parse_args(['--admm', '--optmzr', 'adam', '--wd', '1e-4']).weight_decay == 1e-4
+    args = parse_args(['--admm', '--optmzr', 'adam', '--wd', '1e-4'])
+    assert args.weight_decay == 0
+    assert any('ignored with --optmzr adam' in n for n in args.notes)
+
+
+def test_no_tricks_leaves_distillation_on_as_the_original_does():
+    args = parse_args(['--masked-retrain', '--no-tricks', '--distill', '--warmup', '--smooth-eps', '0.1',
+                       '--alpha', '0.2', '--lr-scheduler', 'cosine'])
+    assert args.distill
+    assert (args.warmup, args.smooth_eps, args.alpha, args.lr_scheduler) == (False, 0.0, 0.0, 'default')
 
 
 def test_the_originals_smoke_recipe_with_warmup_longer_than_the_run_is_accepted_with_a_warning():

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -56,16 +57,20 @@ class Recipe:
 
 
 class Teacher:
-    """A frozen dense model whose softened outputs the student matches."""
+    """A frozen dense model whose softened outputs the student matches. The original's term, mixed
+    with the task loss as `(1 - c) * task + c * kd`: the soft cross-entropy
+    `-(log_softmax(s / T) * softmax(t / T)).sum(1).mean()`, without a T**2 factor. The teacher runs in
+    eval mode (`train_mode=False`, ours: dropout off, BatchNorm's running statistics) or, as the
+    original left it, in train mode."""
 
-    def __init__(self, model, temperature, coefficient):
-        self.model, self.t, self.c = model.eval(), temperature, coefficient
+    def __init__(self, model, temperature, coefficient, train_mode=False):
+        self.model, self.t, self.c = model.train(train_mode), temperature, coefficient
+        self.model.requires_grad_(False)
 
     def loss(self, task_loss, logits, clips):
         with torch.no_grad():
             target = self.model(clips)
-        kd = F.kl_div(F.log_softmax(logits.float() / self.t, dim=1), F.softmax(target.float() / self.t, dim=1),
-                      reduction='batchmean') * self.t ** 2
+        kd = -(F.log_softmax(logits.float() / self.t, dim=1) * F.softmax(target.float() / self.t, dim=1)).sum(1).mean()
         return (1 - self.c) * task_loss + self.c * kd
 
 
@@ -75,6 +80,15 @@ class Updater:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
+    epoch_lr: float | None = None      # the rate of the current epoch's first batch (its history entry)
+
+    def begin(self):
+        """Start a step: zero the gradients and move the learning rate on. The original steps its
+        scheduler before each batch's forward pass, so the first batch already runs at step 1's rate."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():     # torch warns when a scheduler steps before the first optimiser step
+            warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')
+            self.scheduler.step()
 
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -85,7 +99,6 @@ class Updater:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
 
     @property
     def lr(self):
@@ -105,7 +118,7 @@ def train_step(model, clips, labels, criterion, updater, recipe, group, *, regul
     """One batch: forward, loss, backward, and at the end of its accumulation group the masked step.
     Returns (task loss, total loss, logits), detached."""
     if group.first:
-        updater.optimizer.zero_grad(set_to_none=True)
+        updater.begin()                             # zero the gradients, step the learning rate
     if recipe.mixup_alpha > 0:
         lam = float(np.random.beta(recipe.mixup_alpha, recipe.mixup_alpha))
         perm = torch.randperm(clips.shape[0], device=clips.device)
@@ -162,6 +175,8 @@ def train_one_epoch(model, loader, updater, criterion, device, epoch, recipe, *,
         group = Group(first=i == group_start, size=size, last=i + 1 == group_start + size)
         task, loss, logits = train_step(model, clips, labels, criterion, updater, recipe, group,
                                         regulariser=regulariser, masks=masks, teacher=teacher)
+        if i == 0:
+            updater.epoch_lr = updater.lr
         with torch.no_grad():
             seen += labels.shape[0]
             sums += torch.stack([task.double() * labels.shape[0], (logits.argmax(1) == labels).sum().double()])
@@ -273,12 +288,13 @@ def fit(model, data: Data, recipe: Recipe, env: Env, schedule, *, meta, resume_p
         if regulariser is not None and regulariser.on_epoch(epoch):
             check_same_on_all_ranks(regulariser.tensors(), type(regulariser).__name__ + ' state')
             log.info(f"epoch {epoch}: {regulariser.UPDATED}{same}")
-        tick, lr = time.perf_counter(), updater.lr
+        tick = time.perf_counter()
         distil = teacher if epoch <= recipe.epochs - 5 else None   # the last 5 epochs train on the labels alone
         loss, top1 = train_one_epoch(wrapped, data.train, updater, criterion, env.device, epoch, recipe,
                                      regulariser=regulariser, masks=masks, teacher=distil)
         v1, v5, vloss = evaluate(wrapped, data.val, env.device, recipe.max_batches, recipe.amp_dtype,
                                  recipe.channels_last)
+        lr = updater.epoch_lr
         for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
             history[k].append(v)
         log.info(f"epoch {epoch}/{recipe.epochs}: train loss {loss:.4f} top-1 {top1:.2f} | val loss {vloss:.4f} "

@@ -21,22 +21,25 @@ def steps_per_epoch(batches: int, accum_steps: int) -> int:
 
 def make_scheduler(optimizer, kind: str, lr: float, epochs: int, steps: int, warmup_epochs: int = 0,
                    warmup_lr: float | None = None):
-    """Per-step schedule: optional linear warmup from `warmup_lr`, then the original's default
-    (halve every int(0.2 * epochs) epochs), multistep (halve at 45, 90, 120) or cosine (to 4e-8).
-    A warmup as long as the run or longer simply does not finish, as in the original."""
+    """The original's per-step schedule, stepped before every step's forward pass (`Updater.begin`):
+    default halves every int(0.2 * epochs) epochs, multistep at 45, 90 and 120 epochs, cosine
+    anneals to 4e-8 over all `epochs` (T_max = epochs * steps). With a warmup, the rate ramps
+    linearly from `warmup_lr` to `lr` over `warmup_epochs`, and the main schedule starts counting
+    one step after that (the original's GradualWarmupScheduler hand-over), so cosine does not
+    reach 4e-8 and multistep halves 45 epochs after the warmup. A warmup as long as the run or
+    longer simply does not finish, as in the original."""
     sched = torch.optim.lr_scheduler
     warm = warmup_epochs * steps
-    total = epochs * steps
     if kind == 'cosine':
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=4e-8)
+        main = sched.CosineAnnealingLR(optimizer, T_max=epochs * steps, eta_min=4e-8)
     elif kind == 'multistep':
-        main = sched.MultiStepLR(optimizer, [max(1, e * steps - warm) for e in (45, 90, 120)], gamma=0.5)
+        main = sched.MultiStepLR(optimizer, [e * steps for e in (45, 90, 120)], gamma=0.5)
     else:
         main = sched.StepLR(optimizer, step_size=max(1, int(0.2 * epochs)) * steps, gamma=0.5)
     if not warm:
         return main
     ramp = sched.LinearLR(optimizer, start_factor=warmup_lr / lr, end_factor=1.0, total_iters=warm)
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warm])
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warm + 1])
 
 
 def admm_lr_factor(epoch: int, admm_epochs: int) -> float:
@@ -53,19 +56,30 @@ def rew_lr_factor(epoch: int, milestones) -> float:
 
 
 def epoch_scheduler(optimizer, factor, steps: int):
-    """A per-step LambdaLR whose factor depends on the (1-based) epoch only."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step // steps + 1))
+    """A per-step LambdaLR whose factor depends on the (1-based) epoch only. It is stepped before
+    each step's forward pass, so after s steps the rate is that of the epoch holding step s."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(max(s - 1, 0) // steps + 1))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    check = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def amp_dtype(amp: bool, forced: str | None, device: torch.device) -> torch.dtype | None:
-    """None (float32), or the autocast dtype: bf16 where the device has it, else fp16."""
+    """None (float32), or the autocast dtype: bf16 where the device has it natively, fp16 on a GPU
+    without it, float32 (None) on a CPU without it (emulated bf16 is many times slower there)."""
     if not amp:
         return None
     if forced:
         return {'bf16': torch.bfloat16, 'fp16': torch.float16}[forced]
-    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    if device.type == 'cuda':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def guard_bf16(model: torch.nn.Module, amp: torch.dtype | None, num_frames: int, crop: int,

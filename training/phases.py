@@ -51,7 +51,7 @@ def make_teacher(specs: Specs, env, classes):
     path = distill.teacher_path or find_baseline(run.ckpt_root, run.dataset, arch, run.data_location)
     model = new_model(arch, classes, data.num_frames, data.crop, env.device)
     load_into(model, path, arch)
-    return Teacher(model, distill.temperature, distill.kd_coefficient), path
+    return Teacher(model, distill.temperature, distill.kd_coefficient, distill.teacher_mode == 'train'), path
 
 
 def lr_schedule(specs: Specs):
@@ -118,8 +118,9 @@ def begin(specs: Specs, files, phase, fresh, data, teacher_path):
         log.info(note)
     files.tidy()
     if teacher_path:
-        log.info(f"distilling from {teacher_path} (T={specs.distill.temperature}, coefficient "
-                 f"{specs.distill.kd_coefficient})")
+        d = specs.distill
+        log.info(f"distilling from {teacher_path} (T={d.temperature}, coefficient {d.kd_coefficient}, teacher in "
+                 f"{d.teacher_mode} mode)")
 
 
 def meta_of(specs: Specs, classes, options, **more):

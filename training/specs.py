@@ -65,6 +65,7 @@ class DistillSpec:
     teacher_path: str | None
     temperature: float
     kd_coefficient: float
+    teacher_mode: str              # eval (ours) or train (the original's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,10 @@ def read_specs(args, env: Env) -> Specs:
                     batch_size=args.batch_size, test_batch_size=args.test_batch_size or args.batch_size,
                     workers=args.workers, seed=args.seed, num_classes=args.num_classes)
     dtype = amp_dtype(args.amp, args.amp_dtype, env.device)
+    notes = list(args.notes)
+    if args.amp and dtype is None:
+        notes.append("--amp: this CPU has no native bf16 (no AVX-512 BF16 / AMX), where bf16 autocast runs many times "
+                     "slower than float32: training in float32 (--amp-dtype bf16 forces it)")
     channels_last = args.channels_last == 'on' or (args.channels_last == 'auto' and env.device.type == 'cuda'
                                                    and dtype is not None)
     recipe = Recipe(epochs=args.epochs, optimizer=args.optmzr, lr=args.lr, momentum=args.momentum,
@@ -113,7 +118,7 @@ def read_specs(args, env: Env) -> Specs:
                   ckpt_root=args.ckpt_root, load_path=args.load_path, resume=args.resume,
                   tensorboard=args.tensorboard,
                   options={k: v for k, v in vars(args).items() if k not in ('max_batches', 'notes')},
-                  notes=tuple(args.notes))
+                  notes=tuple(notes))
     schedule = ScheduleSpec(args.lr_scheduler, args.warmup_epochs if args.warmup else 0,
                             args.warmup_lr if args.warmup else None)
     pruning = PruningSpec(config_files=tuple(args.config_file), sparsity_types=tuple(args.sparsity_type),
@@ -122,8 +127,8 @@ def read_specs(args, env: Env) -> Specs:
                           admm_epochs=args.admm_epochs, admm_penalty=args.admm_penalty, penalty=args.penalty,
                           rew_milestones=tuple(args.rew_milestones), rew_eps=args.rew_eps, rew_lr=args.rew_lr,
                           retrain_from=args.retrain_from)
-    distill = DistillSpec(args.teacharch, args.teacher_path, args.temperature,
-                          args.kd_coefficient) if args.distill else None
+    distill = DistillSpec(args.teacharch, args.teacher_path, args.temperature, args.kd_coefficient,
+                          args.teacher_mode) if args.distill else None
     deploy = DeploySpec(args.export, args.export_out, args.onnx, args.force, args.sparse_exec)
     return Specs(run, data, recipe, schedule, pruning, distill, deploy)
 
@@ -139,7 +144,8 @@ def run_options(specs: Specs, phase: str, classes: int, rules=(), source=None) -
              accum_steps=recipe.accum_steps, seed=recipe.seed, smooth_eps=recipe.smooth_eps, alpha=recipe.mixup_alpha,
              distill=distill is not None, max_batches=recipe.max_batches, source=source)
     if distill is not None:
-        o.update(teacharch=distill.teacharch, temperature=distill.temperature, kd_coefficient=distill.kd_coefficient)
+        o.update(teacharch=distill.teacharch, temperature=distill.temperature, kd_coefficient=distill.kd_coefficient,
+                 teacher_mode=distill.teacher_mode)
     if phase != 'admm' and (phase != 'rew' or pruning.rew_lr == 'scheduler'):
         s = specs.schedule
         o.update(lr_scheduler=s.kind, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr)
