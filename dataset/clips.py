@@ -119,12 +119,16 @@ class _ClipDataset(Dataset):
         try:
             clip = self.transform(frames) if self.transform is not None else decode_clip(frames)
         except Exception as err:
-            raise self._decode_error(record, indices, frames, err) from err
+            error = self._decode_error(record, indices, frames, err)
+            if error is err:
+                raise
+            raise error from err
         return clip, record.label
 
     def _decode_error(self, record: VideoRecord, indices: list[int], frames: list[bytes], err: Exception):
-        """The ClipReadError for a clip whose frames did not decode: the first bad frame named (found
-        again frame by frame, only on this error path), else the error itself if it is a data error."""
+        """The ClipReadError for a clip that failed: naming its first bad frame (found by decoding the
+        frames one by one, only on this error path), else the error if it is an OSError / ValueError;
+        `err` itself for any other error."""
         for frame, data in zip(indices, frames):
             problem = frame_problem(data, full=True)
             if problem is not None:
@@ -250,10 +254,14 @@ class VideoDataSetLMDB(_ClipDataset):
             examples = ", ".join(
                 f"{record.video_id} (list {record.num_frames}, database {count})" for record, count in wrong[:EXAMPLES]
             )
+            counts = {count for _, count in wrong}
+            cap = counts.pop() if len(counts) == 1 and all(count < r.num_frames for r, count in wrong) else None
+            capped = (f"; or, if it was packed with a frame cap (create_lmdb.py --max-frames {cap}, the default for "
+                      f"kinetics_frame), read it with max_frames={cap}") if cap else ""
             raise DatabaseMismatchError(
                 f"{len(wrong)} videos of {self.list_file} have other frame counts in {self.root_path}: {examples}. "
                 "The database was made from another extraction: re-create it from the current frames (delete it, "
-                "run create_lmdb.py), or use the list file it was made from"
+                f"run create_lmdb.py), or use the list file it was made from{capped}"
             )
 
     def stored_count_fits(self, record: VideoRecord, stored: int) -> bool:
@@ -358,7 +366,9 @@ class VideoDataSetLMDB(_ClipDataset):
                     )
                 return [clip.frame(index) for index in indices]  # copied out before the buffer is released
         except lmdb.Error as err:
+            what = ("it no longer exists; restore it or re-create it" if not self.root_path.exists() else
+                    "the database file is damaged; delete it and re-create it")
             raise ClipReadError(
-                f"LMDB database {self.root_path}: LMDB cannot read video {record.video_id!r} ({err}): the database "
-                "file is damaged; delete it and re-create it with create_lmdb.py"
+                f"LMDB database {self.root_path}: LMDB cannot read video {record.video_id!r} ({err}): {what} with "
+                "create_lmdb.py"
             ) from err

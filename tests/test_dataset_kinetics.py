@@ -164,7 +164,8 @@ def test_create_lmdb_packs_the_first_64_frames_of_a_kinetics_folder_and_the_data
     from_folders = VideoDataSet(frame_dir, frame_dir / "train.txt", max_frames=64)
     for index in range(3):
         assert torch.equal(from_db[index][0], from_folders[index][0])
-    with pytest.raises(DatabaseMismatchError, match=r"aa_000010_000020 \(list 100, database 64\)"):
+    expected = r"aa_000010_000020 \(list 100, database 64\).*--max-frames 64.*read it with max_frames=64"
+    with pytest.raises(DatabaseMismatchError, match=expected):
         VideoDataSetLMDB(db, frame_dir / "train.txt")  # without the cap the records are too short
 
 
