@@ -1,9 +1,10 @@
-"""Decode UCF101 / HMDB51 videos into JPEG frame folders and the train/val list files.
+"""Decode UCF101 / HMDB51 / Kinetics videos into JPEG frame folders and the train/val list files.
 
 Run it inside dataset/, as the original README does:  python extract_videos.py -d ucf101
 Writes {root}/{d}_frame/<video id>/00001.jpg ... and {d}_frame/train.txt, val.txt with lines
-`<video id> 1 <frames> <label from 0>`. Re-running skips videos whose frame folder is complete; a
-video that decodes fewer frames than its container declares is listed in failed.txt and tried again.
+`<video id> 1 <frames> <label from 0>` (Kinetics: `<video id>;1;<frames>;<label>`, the first 64
+frames of each video). Re-running skips videos whose frame folder is complete; a video that
+decodes fewer frames than its container declares is listed in failed.txt and tried again.
 """
 
 import argparse
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+if __package__:
+    from .layout import dataset_facts
+else:  # run as a script from dataset/, as in the original README
+    from layout import dataset_facts
 
 JPEG_QUALITY = 95
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
@@ -109,6 +115,30 @@ def read_hmdb51_split(root: Path, split: int) -> list[Video]:
     return videos
 
 
+def read_kinetics_split(root: Path, split: int) -> list[Video]:
+    """Videos of {root}/kinetics/{train,val}/<class>/<video>: labels are the training classes in alphabetical
+    order, video ids `<class>/<file name without suffix>` (class names hold spaces). `split` is not used."""
+    classes = {}
+    videos = []
+    for subset in ("train", "val"):
+        subset_dir = root / "kinetics" / subset
+        if not subset_dir.is_dir():
+            raise SplitError(
+                f"video folder {subset_dir} not found (unpack Kinetics as kinetics/train/<class>/<video>.mp4 and "
+                "kinetics/val/<class>/<video>.mp4)"
+            )
+        class_dirs = sorted(p for p in subset_dir.iterdir() if p.is_dir())
+        if subset == "train":
+            classes = {p.name: label for label, p in enumerate(class_dirs)}
+        for class_dir in class_dirs:
+            if class_dir.name not in classes:
+                raise SplitError(f"class folder {class_dir} has no counterpart in {root / 'kinetics' / 'train'}")
+            for path in sorted(class_dir.iterdir()):
+                if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
+                    videos.append(Video(f"{class_dir.name}/{path.stem}", path, classes[class_dir.name], subset))
+    return videos
+
+
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """(width, height) with the shorter side scaled to short_side (0: unchanged)."""
     if short_side <= 0:
@@ -118,8 +148,8 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(width * short_side / height)), short_side
 
 
-def decode_pyav(src: Path, dst: Path, short_side: int) -> int:
-    """Write every frame of src as dst/00001.jpg ... with PyAV; returns the frame count."""
+def decode_pyav(src: Path, dst: Path, short_side: int, max_frames: int | None = None) -> int:
+    """Write every frame of src (the first max_frames) as dst/00001.jpg ... with PyAV; returns the frame count."""
     import av  # imported here so that --backend ffmpeg works without PyAV
 
     count = 0
@@ -131,6 +161,8 @@ def decode_pyav(src: Path, dst: Path, short_side: int) -> int:
             image = frame.to_image(width=width, height=height, interpolation="AREA")
             count += 1
             image.save(dst / f"{count:05d}.jpg", quality=JPEG_QUALITY)
+            if count == max_frames:
+                break
     return count
 
 
@@ -142,13 +174,16 @@ def _passthrough_option() -> list[str]:
     return ["-fps_mode", "passthrough"] if "-fps_mode" in help_text else ["-vsync", "passthrough"]
 
 
-def decode_ffmpeg(src: Path, dst: Path, short_side: int) -> int:
-    """Write every frame of src as dst/00001.jpg ... with the ffmpeg program; returns the frame count."""
+def decode_ffmpeg(src: Path, dst: Path, short_side: int, max_frames: int | None = None) -> int:
+    """Write every frame of src (the first max_frames) as dst/00001.jpg ... with the ffmpeg program; returns the
+    frame count."""
     command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(src), "-map", "0:v:0"]
     if short_side > 0:
         s = short_side
         scale = f"scale=w='if(lte(iw,ih),{s},round(iw*{s}/ih))':h='if(lte(iw,ih),round(ih*{s}/iw),{s})'"
         command += ["-vf", scale]  # the same sizes as scaled_size()
+    if max_frames:
+        command += ["-frames:v", str(max_frames)]
     # passthrough: one image per decoded frame, never duplicated or dropped to reach a frame rate
     command += [*_passthrough_option(), "-q:v", "2", str(dst / "%05d.jpg")]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -216,12 +251,17 @@ def shortfall_message(decoded: int, declared: int, estimated: bool) -> str:
 
 def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
     """Extract one video unless already done; returns (video id, frames, error or None, skipped)."""
-    video_id, src, frame_dir, short_side, backend, allow_short = task
+    video_id, src, frame_dir, short_side, backend, allow_short, max_frames = task
+
+    def expected() -> tuple[int, bool]:  # the frames a complete folder holds, as the container declares them
+        declared, estimated = declared_frames(Path(src))
+        return (min(declared, max_frames) if max_frames and declared else declared), estimated
+
     final = Path(frame_dir) / video_id
     count = complete_frame_count(final)
     declared = (0, False)
     if count and not allow_short:
-        declared = declared_frames(Path(src))
+        declared = expected()
     if count and not is_short(count, *declared):
         return video_id, count, None, True
 
@@ -230,11 +270,11 @@ def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
     partial.mkdir(parents=True)
     decode = decode_ffmpeg if backend == "ffmpeg" else decode_pyav
     try:
-        count = decode(Path(src), partial, short_side)
+        count = decode(Path(src), partial, short_side, max_frames)
         if count == 0:
             raise ValueError("no frames could be decoded")
         if not allow_short:
-            declared = declared_frames(Path(src))
+            declared = expected()
             if is_short(count, *declared):
                 # Not renamed into place, so not complete: the next run tries again.
                 raise ValueError(shortfall_message(count, *declared))
@@ -244,6 +284,7 @@ def extract_one(task: tuple) -> tuple[str, int, str | None, bool]:
         return video_id, 0, f"{type(err).__name__}: {err}".strip(), False
     if final.exists():  # an incomplete folder from an interrupted older run
         shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)  # Kinetics ids are <class>/<video>
     os.replace(partial, final)  # atomic: a folder under its final name is always complete
     return video_id, count, None, False
 
@@ -265,13 +306,17 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", "--dataset", required=True, choices=["ucf101", "hmdb51"], help="dataset to extract")
     parser.add_argument(
-        "--split", type=int, default=1, choices=[1, 2, 3], help="official split for the list files (default 1)"
+        "-d", "--dataset", required=True, choices=["ucf101", "hmdb51", "kinetics"], help="dataset to extract"
+    )
+    parser.add_argument(
+        "--split", type=int, default=1, choices=[1, 2, 3],
+        help="official split for the list files (default 1; Kinetics has one)",
     )
     parser.add_argument(
         "--root", default=".",
-        help="folder holding ucf101/ + ucfTrainTestlist/ or hmdb51/ + hmdb51_labels/ (default: current folder)",
+        help="folder holding ucf101/ + ucfTrainTestlist/, hmdb51/ + hmdb51_labels/ or kinetics/{train,val}/ "
+        "(default: current folder)",
     )
     parser.add_argument(
         "--short-side", type=int, default=128,
@@ -290,6 +335,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep videos that decode fewer frames than their container declares (by default such a video is "
         "listed in failed.txt, left out and extracted again on the next run)",
     )
+    parser.add_argument(
+        "--max-frames", type=int, metavar="N",
+        help="extract only the first N frames of each video, 0 for all (default: 64 for kinetics, as the "
+        "original, which trains on those; all for the others)",
+    )
     return parser.parse_args(argv)
 
 
@@ -303,7 +353,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    read_split = read_ucf101_split if args.dataset == "ucf101" else read_hmdb51_split
+    read_split = {"ucf101": read_ucf101_split, "hmdb51": read_hmdb51_split, "kinetics": read_kinetics_split}[
+        args.dataset]
+    max_frames = dataset_facts(args.dataset)["max_frames"] if args.max_frames is None else (args.max_frames or None)
     try:
         listed = read_split(root, args.split)
     except SplitError as err:
@@ -324,7 +376,7 @@ def main(argv=None) -> int:
     missing = [v for v in videos.values() if v.path is None]
     failures = {v.video_id: f"video file not found under {root / args.dataset}" for v in missing}
     tasks = [
-        (v.video_id, str(v.path), str(frame_dir), args.short_side, args.backend, args.allow_short)
+        (v.video_id, str(v.path), str(frame_dir), args.short_side, args.backend, args.allow_short, max_frames)
         for v in videos.values() if v.path is not None
     ]
     frames, skipped = {}, 0
@@ -339,9 +391,12 @@ def main(argv=None) -> int:
             progress.update()
     shutil.rmtree(frame_dir / PARTIAL_DIR, ignore_errors=True)
 
-    # Sorted by video id, so the list files do not depend on which worker finished first.
+    # Sorted by video id, so the list files do not depend on which worker finished first. Kinetics
+    # lists are `;`-separated, as the original's: its video ids hold spaces.
+    sep = ";" if args.dataset == "kinetics" else " "
     for subset in ("train", "val"):
-        lines = [f"{v} 1 {frames[v]} {videos[v].label}\n" for v in sorted(frames) if videos[v].subset == subset]
+        lines = [f"{v}{sep}1{sep}{frames[v]}{sep}{videos[v].label}\n" for v in sorted(frames)
+                 if videos[v].subset == subset]
         write_text_atomically(frame_dir / f"{subset}.txt", "".join(lines))
     failed_list = frame_dir / "failed.txt"
     if failures:

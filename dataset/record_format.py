@@ -53,7 +53,10 @@ def _from_ipc(buf, what: str, expected: pa.Schema) -> pa.RecordBatch:
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(view))
         batch = reader.read_next_batch()
-    except (pa.ArrowInvalid, StopIteration) as err:
+        # Full validation checks every offset against its buffer: a damaged record fails here, not
+        # by reading past a buffer later. A few microseconds per record.
+        batch.validate(full=True)
+    except (pa.ArrowException, StopIteration, OSError) as err:
         raise RecordFormatError(f"{what} is not a readable Arrow IPC stream ({err})") from None
     metadata = batch.schema.metadata or {}
     if metadata.get(b"format") != FORMAT_TAG or not batch.schema.equals(expected, check_metadata=False):
@@ -82,7 +85,7 @@ class ClipRecord:
         self.video_id = batch.column(0)[0].as_py()
         self.label = batch.column(1)[0].as_py()
         self.num_frames = batch.column(2)[0].as_py()
-        self._frames = batch.column(3).values  # flat binary array: no per-frame Python objects yet
+        self._frames = batch.column(3).flatten()  # flat binary array: no per-frame Python objects yet
 
     def frame(self, index: int) -> bytes:
         return self._frames[index].as_py()
@@ -90,7 +93,12 @@ class ClipRecord:
 
 def decode_record(buf, key: str = "?") -> ClipRecord:
     """Parse a record written by encode_record; RecordFormatError for anything else."""
-    return ClipRecord(_from_ipc(buf, f"LMDB record {key!r}", _RECORD_SCHEMA))
+    record = ClipRecord(_from_ipc(buf, f"LMDB record {key!r}", _RECORD_SCHEMA))
+    if record.num_frames is None or len(record._frames) != record.num_frames:
+        raise RecordFormatError(
+            f"LMDB record {key!r} says {record.num_frames} frames but holds {len(record._frames)}"
+        )
+    return record
 
 
 def encode_keys(keys: list[str]) -> bytes:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from dataset import (
+    ClipReadError,
     DatabaseMismatchError,
     DataError,
     EmptyDatabaseError,
@@ -561,7 +562,7 @@ def test_missing_frame_file_names_its_path(database, tmp_path):
     shutil.copytree(database / "v_Bunny_g02_c01", tmp_path / "v_Bunny_g02_c01")
     (tmp_path / "v_Bunny_g02_c01" / "00001.jpg").unlink()  # 30 frames: the first segment's centre is frame 1
     (tmp_path / "val.txt").write_text("v_Bunny_g02_c01 1 30 1\n")
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "v_Bunny_g02_c01" / "00001.jpg")):
+    with pytest.raises(ClipReadError, match=str(tmp_path / "v_Bunny_g02_c01" / "00001.jpg")):
         VideoDataSet(tmp_path, tmp_path / "val.txt")[0]
 
 
