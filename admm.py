@@ -219,6 +219,21 @@ def project(weight, ratio, sparsity_type, block_size=(8, 4), return_keep=False):
     return (projected, keep) if return_keep else projected
 
 
+@torch.no_grad()
+def mixed_groups(weight, sparsity_type, block_size=(8, 4)):
+    """Fraction of `weight`'s groups (of this type and block) that are partly zero: 0 for a weight
+    pruned with these groups, more when its zeros are whole groups of another block size."""
+    view, dims = grid_view(weight.detach(), sparsity_type, block_size)
+    if not dims:
+        return 0.0
+    sizes = group_sizes(weight.shape, sparsity_type, block_size, weight.device)
+    padding = math.prod(view.shape[d] for d in dims) - sizes
+    zeros = (view == 0).sum(dim=dims, keepdim=True) - padding
+    real = (sizes > 0).expand_as(zeros)
+    mixed = real & (zeros > 0) & (zeros < sizes)
+    return mixed.sum().item() / max(1, real.sum().item())
+
+
 def expand_groups(keep, weight_shape, sparsity_type, block_size=(8, 4)):
     """Turn a kept-group grid into an elementwise boolean mask of `weight_shape`."""
     ones = torch.ones(weight_shape, dtype=torch.bool, device=keep.device)
@@ -287,11 +302,14 @@ def load_profile(name_or_path, model):
     """Read a YAML profile and return `{parameter name: prune ratio}` with names as the
     (unwrapped) model has them. Keys may carry DataParallel's `module.` prefix or not."""
     path = resolve_profile_path(name_or_path)
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         try:
             doc = yaml.load(f, Loader=_UniqueKeyLoader)   # a SafeLoader: no Python objects
         except yaml.YAMLError as exc:
             raise ValueError(f"profile {path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"profile {path}: not a text YAML file ({exc.reason} at byte {exc.start}); "
+                             f"save it as UTF-8") from None
     if not isinstance(doc, dict):
         raise ValueError(f"profile {path}: expected a mapping with a `prune_ratios` section, "
                          f"got {type(doc).__name__}")
@@ -413,6 +431,10 @@ class Regulariser:
     def due(self, epoch):
         raise NotImplementedError
 
+    def reports_after(self, epoch):
+        """Whether the loop logs `report()` after `epoch` (and always after the last)."""
+        return self.due(epoch + 1)
+
     def on_epoch(self, epoch):
         """Run the periodic update if `epoch` (1-based) is due; return whether it was."""
         if self.due(epoch):
@@ -461,6 +483,10 @@ class ADMM(Regulariser):
         """Whether Z and U are updated at the first batch of `epoch` (1-based): every
         `update_every` epochs, never at the first."""
         return epoch != 1 and (epoch - 1) % self.update_every == 0
+
+    def reports_after(self, epoch):
+        """The original logs `Weight < 1e-4` after every epoch e with (e - 1) % admm_epochs == 0."""
+        return (epoch - 1) % self.update_every == 0
 
     @torch.no_grad()
     def update(self):

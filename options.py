@@ -66,12 +66,14 @@ def get_parser():
 
     g = p.add_argument_group('Model and data')
     g.add_argument('--arch', default='r2+1d', choices=ARCHS, help='network')
-    g.add_argument('--dataset', default='ucf101', help='ucf101, hmdb51, or the name of a `{name}_frame` folder')
+    g.add_argument('--dataset', default='ucf101',
+                   help="ucf101, hmdb51, kinetics (';' lists, the first 64 frames, 400 classes), or the name of a "
+                        "`{name}_frame` folder; a name containing `mini` reads mini_train.* / mini_val.*")
     g.add_argument('--data_location', '--data-location', default=os.path.join(HERE, 'dataset'),
                    help='folder holding {dataset}_frame/ with train.lmdb, val.lmdb (or frame folders), '
                         'train.txt, val.txt')
     g.add_argument('--num-classes', type=_number(int, 2),
-                   help='default: 101 for ucf101, 51 for hmdb51, else from the lists')
+                   help='default: 101 for ucf101, 51 for hmdb51, 400 for kinetics, else from the lists')
     g.add_argument('--num-frames', type=positive_int, default=16, help='frames per clip')
     g.add_argument('--crop-size', type=positive_int, help='clip height and width (default: 112, S3D 224)')
     g.add_argument('--scale-size', type=positive_int, nargs='+', metavar='N',

@@ -57,7 +57,7 @@ def test_every_phase_trains_under_bf16_with_finite_losses(amp_runs):
     root, outs = amp_runs
     for phase, out in outs.items():
         assert 'mixed precision: bfloat16 autocast' in out.stdout, phase
-    for curves in glob.glob(str(root / '**' / '*_curves.npz'), recursive=True):
+    for curves in glob.glob(str(root / '**' / '*_results.npz'), recursive=True):
         loaded = np.load(curves)
         assert np.isfinite(loaded['train_loss']).all() and np.isfinite(loaded['val_loss']).all(), curves
 

@@ -104,17 +104,24 @@ def test_the_originals_smoke_recipe_with_warmup_longer_than_the_run_is_accepted_
 
 # ----------------------------------------------------------------------------- learning rates
 
-def lr_per_epoch(scheduler_of, epochs, steps=3, lr=1.0):
-    """The learning rate of every epoch's first step, stepping the scheduler once per step."""
+def lr_per_batch(scheduler_of, epochs, steps=3, lr=1.0):
+    """The learning rate every batch runs at, stepping as the training loop does: the scheduler
+    moves on before each batch's forward pass (`Updater.begin`), the optimiser after its backward."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    sched = scheduler_of(opt, steps)
+    updater = engine.Updater(opt, scheduler_of(opt, steps))
     rates = []
-    for _ in range(epochs):
+    for _ in range(epochs * steps):
+        updater.begin()
         rates.append(opt.param_groups[0]['lr'])
-        for _ in range(steps):
-            opt.step()
-            sched.step()
+        updater.step()
     return rates
+
+
+def per_epoch(rates, steps=3):
+    """Every batch of an epoch runs at one rate under the epoch rules: that rate, per epoch."""
+    epochs = [rates[i:i + steps] for i in range(0, len(rates), steps)]
+    assert all(e == [e[0]] * steps for e in epochs), epochs
+    return [e[0] for e in epochs]
 
 
 @pytest.mark.parametrize('admm_epochs, expected', [
@@ -127,46 +134,70 @@ def lr_per_epoch(scheduler_of, epochs, steps=3, lr=1.0):
     (6, [1, 1, .5, .5, .25, .25, 1]),
 ])
 def test_admm_learning_rate_is_the_originals_formula(admm_epochs, expected):
-    rates = lr_per_epoch(lambda opt, steps: optim.epoch_scheduler(
+    rates = lr_per_batch(lambda opt, steps: optim.epoch_scheduler(
         opt, lambda e: optim.admm_lr_factor(e, admm_epochs), steps), len(expected))
-    assert rates == pytest.approx(expected)
+    assert per_epoch(rates) == pytest.approx(expected)
 
 
 def test_rew_learning_rate_follows_the_follow_up():
     # At the first batch of every epoch e > 1: x1.6 if e - 1 is a milestone, else x0.98.
     milestones = {2, 3}
     expected = [1.0, 0.98, 0.98 * 1.6, 0.98 * 1.6 * 1.6, 0.98 * 1.6 * 1.6 * 0.98]
-    rates = lr_per_epoch(lambda opt, steps: optim.epoch_scheduler(
+    rates = lr_per_batch(lambda opt, steps: optim.epoch_scheduler(
         opt, lambda e: optim.rew_lr_factor(e, milestones), steps), 5)
-    assert rates == pytest.approx(expected)
+    assert per_epoch(rates) == pytest.approx(expected)
 
 
-def test_cosine_anneals_to_the_originals_4e_8():
-    steps, epochs = 4, 3
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
-    sched = optim.make_scheduler(opt, 'cosine', 5e-4, epochs, steps)
-    for _ in range(epochs * steps):
-        opt.step()
-        sched.step()
-    assert opt.param_groups[0]['lr'] == pytest.approx(4e-8)
+def originals_rate(kind, batch, lr, epochs, steps, warmup_epochs=0, warmup_lr=None):
+    """The original's retraining rate at `batch` (0-based), written out: its scheduler steps before
+    every batch, so batch b runs after s = b + 1 steps. GradualWarmupScheduler(multiplier = lr /
+    warmup_lr, total_iter = W * N) gives warmup_lr * ((multiplier - 1) * s / (W * N) + 1) while
+    s <= W * N; after it the main scheduler, built for T_max = E * N / milestones [45, 90, 120] * N /
+    step_size int(0.2 * E) * N, has taken k = s - W * N - 1 steps (k = s without a warmup)."""
+    s, warm = batch + 1, warmup_epochs * steps
+    if warm and s <= warm:
+        return warmup_lr * ((lr / warmup_lr - 1) * s / warm + 1)
+    k = s - warm - 1 if warm else s
+    if kind == 'cosine':
+        return 4e-8 + (lr - 4e-8) * (1 + math.cos(math.pi * k / (epochs * steps))) / 2
+    if kind == 'multistep':
+        return lr * 0.5 ** sum(k >= m * steps for m in (45, 90, 120))
+    return lr * 0.5 ** (k // (max(1, int(0.2 * epochs)) * steps))
 
 
-def test_default_scheduler_halves_every_int_fifth_of_the_epochs():
-    rates = lr_per_epoch(lambda opt, steps: optim.make_scheduler(opt, 'default', 1.0, 12, steps), 12)
-    # int(0.2 * 12) = 2 epochs per halving
-    assert rates == pytest.approx([0.5 ** (e // 2) for e in range(12)])
+@pytest.mark.parametrize('kind', ['cosine', 'multistep', 'default'])
+@pytest.mark.parametrize('epochs, steps, warmup_epochs', [(10, 3, 0), (10, 3, 2), (130, 1, 0), (130, 2, 5)])
+def test_retraining_rates_are_the_originals_batch_by_batch(kind, epochs, steps, warmup_epochs):
+    lr, warmup_lr = 5e-4, 1e-5
+    rates = lr_per_batch(lambda opt, n: optim.make_scheduler(opt, kind, lr, epochs, n, warmup_epochs,
+                                                             warmup_lr if warmup_epochs else None),
+                         epochs, steps, lr)
+    expected = [originals_rate(kind, b, lr, epochs, steps, warmup_epochs, warmup_lr) for b in range(epochs * steps)]
+    assert rates == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+def test_multistep_after_a_warmup_halves_45_epochs_after_it():
+    # W = 5: the first halving at the first batch of epoch 51 (the original's), not of epoch 46.
+    steps = 3
+    rates = lr_per_batch(lambda opt, n: optim.make_scheduler(opt, 'multistep', 1.0, 130, n, 5, 0.01), 130, steps)
+    first = {e: rates[(e - 1) * steps] for e in (50, 51, 96, 126)}       # the first batch of epoch e
+    assert first == pytest.approx({50: 1.0, 51: 0.5, 96: 0.25, 126: 0.125})
+    assert rates[50 * steps - 1] == 1.0                                   # the last batch of epoch 50
+
+
+def test_cosine_without_warmup_reaches_4e_8_at_the_last_batch_and_after_a_warmup_does_not():
+    plain = lr_per_batch(lambda opt, n: optim.make_scheduler(opt, 'cosine', 5e-4, 3, n), 3, 4, 5e-4)
+    assert plain[-1] == pytest.approx(4e-8)
+    warm = lr_per_batch(lambda opt, n: optim.make_scheduler(opt, 'cosine', 5e-4, 10, n, 5, 1e-5), 10, 4, 5e-4)
+    assert warm[-1] == pytest.approx(4e-8 + (5e-4 - 4e-8) * (1 + math.cos(math.pi * (10 * 4 - 20 - 1) / 40)) / 2)
+    assert warm[-1] > 1e-4
 
 
 def test_warmup_longer_than_the_run_ramps_without_finishing():
     steps, warmup_epochs, lr, warmup_lr = 4, 5, 5e-4, 1e-5
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    sched = optim.make_scheduler(opt, 'cosine', lr, 1, steps, warmup_epochs, warmup_lr)
-    seen = []
-    for _ in range(steps):
-        seen.append(opt.param_groups[0]['lr'])
-        opt.step()
-        sched.step()
-    ramp = [warmup_lr + (lr - warmup_lr) * k / (warmup_epochs * steps) for k in range(steps)]
+    seen = lr_per_batch(lambda opt, n: optim.make_scheduler(opt, 'cosine', lr, 1, n, warmup_epochs, warmup_lr),
+                        1, steps, lr)
+    ramp = [warmup_lr + (lr - warmup_lr) * s / (warmup_epochs * steps) for s in range(1, steps + 1)]
     assert seen == pytest.approx(ramp)
 
 

@@ -107,7 +107,7 @@ def test_resume_with_other_options_is_refused_naming_them(data, tmp_path):
     common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--max-batches', 1]
     run('--baseline', '--epochs', 2, '--lr', 0.001, *common)
     out = run('--baseline', '--epochs', 2, '--lr', 0.01, '--resume', *common, check=False)
-    fails_cleanly(out, 'lr: 0.01 now, 0.001 in the run being resumed', 'ucf101_c3d_baseline_last.pt')
+    fails_cleanly(out, 'lr: 0.01 now, 0.001 in the run being resumed', 'ucf101_c3d_baseline.pt')
 
 
 def test_admm_resume_with_another_profile_is_refused(data, baseline, previous_run):
@@ -119,7 +119,7 @@ def test_admm_resume_with_another_profile_is_refused(data, baseline, previous_ru
 def test_resume_continues_with_the_saved_options(data, tmp_path):
     common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--max-batches', 1, '--lr', 0.001]
     run('--baseline', '--epochs', 1, *common)
-    _, meta = read_checkpoint(str(tmp_path / 'ucf101_c3d_baseline_last.pt'))
+    _, meta = read_checkpoint(str(tmp_path / 'ucf101_c3d_baseline.pt'))
     assert meta['options']['lr'] == 0.001 and meta['options']['epochs'] == 1
 
 
@@ -155,7 +155,7 @@ def test_broken_checkpoints_get_one_error_line(data, baseline, tmp_path, content
 
 
 def test_a_resume_file_of_another_kind_is_refused(data, baseline, tmp_path):
-    shutil.copy(baseline, tmp_path / 'ucf101_c3d_baseline_last.pt')   # a model, not a resume point
+    shutil.copy(baseline, tmp_path / 'ucf101_c3d_baseline.pt')   # a model, not a resume point
     out = run('--baseline', '--epochs', 1, '--resume', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY,
               check=False)
     fails_cleanly(out, 'it is not a resume point')

@@ -28,10 +28,22 @@ def test_baseline_is_saved_under_the_original_naming(trained):
 def test_run_directory_follows_the_seed_layout(trained):
     folder = os.path.join(trained['ckpt'], RUN)
     files = set(os.listdir(folder))
-    assert {f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', f'{RUN}.yaml', f'{RUN}_admm.log', f'{RUN}_retrain.log',
-            f'{RUN}_2rhos_kept.npz', f'{RUN}_2rhos_curves.npz', f'{RUN}_2rhos_curves.png'} <= files, files
+    # The original's files: stage files, the profile copy under its own name, the retrained model of the last
+    # epoch, its results and plot; the best model renamed with its epoch and top-1. Ours besides: logs, kept index.
+    assert {f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', 'c3d_2.53x_v2.yaml', f'{RUN}_2rhos.pt', f'{RUN}_2rhos_results.npz',
+            f'{RUN}_2rhos_results.pdf', f'{RUN}_admm.log', f'{RUN}_retrain.log', f'{RUN}_2rhos_kept.npz'} <= files, files
     assert any(re.fullmatch(rf'{re.escape(RUN)}_2rhos_epoch-\d_top1-\d+\.\d{{3}}\.pt', f) for f in files), files
+    assert f'{RUN}_2rhos_best.pt' not in files                      # renamed at the end, as the original does
     assert not any('.tmp' in f for f in files)
+
+
+def test_retraining_results_hold_the_originals_loss_and_acc(trained):
+    folder = os.path.join(trained['ckpt'], RUN)
+    results = np.load(os.path.join(folder, f'{RUN}_2rhos_results.npz'))
+    assert np.array_equal(results['loss'], results['val_loss']) and np.array_equal(results['acc'], results['val_top1'])
+    assert len(results['acc']) == 3
+    _, meta = read_checkpoint(os.path.join(folder, f'{RUN}_2rhos.pt'))      # the last epoch, with its optimiser
+    assert meta['epoch'] == 3 and {'optimizer', 'top1'} <= set(meta) and meta['top1'] == results['acc'][-1]
 
 
 def test_logs_hold_the_command_options_batches_and_epochs(trained):
@@ -42,6 +54,8 @@ def test_logs_hold_the_command_options_batches_and_epochs(trained):
     assert re.search(r'epoch 2/2: train loss .* val loss .* top-1', text)
     assert 'Z and U updated' in text                       # admm-epochs 1: an update at epoch 2
     assert '||W-Z||/||W||' in text                          # the convergence report
+    assert re.search(r'Weight < 1e-4:\n.*  conv2.weight: \d+/110592 = 0\.\d{4}', text)    # the original's report
+    assert 'prune ratios (blk-kgs):' in text and '  conv3b.weight: 0.85' in text          # the profile, listed
     assert text.count('stage 1/2') == 1 and text.count('stage 2/2') == 1
 
 
@@ -56,7 +70,7 @@ def test_retrained_weights_have_exactly_the_profile_group_structure(trained):
     final = glob.glob(os.path.join(folder, f'{RUN}_2rhos_epoch-*.pt'))[0]
     state, meta = read_checkpoint(final)
     kept = np.load(os.path.join(folder, f'{RUN}_2rhos_kept.npz'))
-    ratios = admm.load_profile(os.path.join(folder, f'{RUN}.yaml'), build_model('c3d', 5, crop_size=16))
+    ratios = admm.load_profile(os.path.join(folder, 'c3d_2.53x_v2.yaml'), build_model('c3d', 5, crop_size=16))
     assert set(kept.files) == set(ratios)
     for name, ratio in ratios.items():
         w = state[name]
@@ -74,9 +88,12 @@ def test_retrained_weights_have_exactly_the_profile_group_structure(trained):
 
 def test_learning_rate_warms_up_then_anneals(trained):
     folder = os.path.join(trained['ckpt'], RUN)
-    curves = np.load(os.path.join(folder, f'{RUN}_2rhos_curves.npz'))
-    lr = curves['lr']                       # learning rate at the start of each epoch
-    assert lr[0] == pytest.approx(1e-5) and lr[1] == pytest.approx(1e-3, rel=1e-3) and lr[2] < lr[1]
+    lr = np.load(os.path.join(folder, f'{RUN}_2rhos_results.npz'))['lr']     # the rate of each epoch's first batch
+    n = int(re.search(r'epoch 1 batch \d+/(\d+)', open(os.path.join(folder, f'{RUN}_retrain.log')).read()).group(1))
+    # --warmup-epochs 1 from 1e-5 to 1e-3, then cosine over all 3 epochs; the scheduler steps before each batch
+    assert lr[0] == pytest.approx(1e-5 + (1e-3 - 1e-5) / n)
+    assert lr[1] == pytest.approx(1e-3)                                          # the hand-over: step 0 of cosine
+    assert lr[2] == pytest.approx(4e-8 + (1e-3 - 4e-8) * (1 + np.cos(np.pi * n / (3 * n))) / 2)
 
 
 def test_evaluate_reports_accuracy_sparsity_and_flops(trained, data):

@@ -8,13 +8,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .runtime import Env, UserError, log
 
-KNOWN_CLASSES = {'ucf101': 101, 'hmdb51': 51}
-
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """Where the clips are and how they are cut and batched, read off the command line once."""
-    root: str                      # {data_location}/{dataset}_frame
+    root: str                      # {data_location}/{dataset}_frame (dataset.frame_root)
     dataset: str
     num_frames: int
     crop: int
@@ -24,7 +22,7 @@ class DataSpec:
     test_batch_size: int
     workers: int
     seed: int
-    num_classes: int | None        # None: 101 / 51 for ucf101 / hmdb51, else from the list files
+    num_classes: int | None        # None: the dataset's (101 / 51 / 400), else from the list files
 
 
 @dataclasses.dataclass
@@ -75,24 +73,31 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
-def clip_dataset(root: str, split: str, is_train: bool, num_frames: int, crop: int, scale: tuple,
+def clip_dataset(root: str, name: str, split: str, is_train: bool, num_frames: int, crop: int, scale: tuple,
                  temporal_jitter: bool):
-    """`{root}/{split}.lmdb` with `{split}.txt`, else the frame folders under `root`. Clips come
-    as uint8 (a quarter of the bytes between processes); `to_device` normalises them."""
-    from dataset import VideoDataSet, VideoDataSetLMDB, get_augmentor
-    list_file = os.path.join(root, f"{split}.txt")
+    """`{root}/{split}.lmdb` with `{split}.txt` (`mini_` before both for a mini dataset name), else the
+    frame folders under `root`. Clips come as uint8 (a quarter of the bytes between processes);
+    `to_device` normalises them."""
+    from dataset import VideoDataSet, VideoDataSetLMDB, dataset_facts, get_augmentor, split_files
+    list_file, lmdb_path = split_files(root, name, split)
     if not os.path.isfile(list_file):
         raise UserError(f"list file {list_file} not found. Prepare the data first (README, 'Data preparation'): "
-                        f"dataset/extract_videos.py writes it, dataset/create_lmdb.py the {split}.lmdb beside it; "
+                        f"dataset/extract_videos.py writes it, dataset/create_lmdb.py the "
+                        f"{os.path.basename(lmdb_path)} beside it; "
                         f"or point --data_location at the folder holding {os.path.basename(root)}/")
     transform = get_augmentor(is_train, crop, scale if is_train else (scale[0], scale[0]), uint8=True)
     kw = dict(num_groups=num_frames, transform=transform, is_train=is_train,
-              temporal_jitter=is_train and temporal_jitter)
-    lmdb_path = os.path.join(root, f"{split}.lmdb")
+              temporal_jitter=is_train and temporal_jitter, max_frames=dataset_facts(name)['max_frames'])
     if os.path.exists(lmdb_path):
         return VideoDataSetLMDB(lmdb_path, list_file, **kw)
     log.info(f"{lmdb_path} not found: reading frame folders under {root}")
     return VideoDataSet(root, list_file, **kw)
+
+
+def known_classes(name: str) -> int | None:
+    """101 / 51 / 400 for UCF101 / HMDB51 / Kinetics (and their mini names), None for another name."""
+    from dataset import dataset_facts
+    return dataset_facts(name)['num_classes']
 
 
 def usable_workers(requested: int, local_world: int) -> int:
@@ -105,11 +110,11 @@ def make_data(spec: DataSpec, env: Env, need_train: bool = True) -> Data:
     """Datasets and loaders, checked against the model's class count; UserError for any problem."""
     splits = ('val', 'train') if need_train else ('val',)
     try:
-        sets = {s: clip_dataset(spec.root, s, s == 'train', spec.num_frames, spec.crop, spec.scale,
+        sets = {s: clip_dataset(spec.root, spec.dataset, s, s == 'train', spec.num_frames, spec.crop, spec.scale,
                                 spec.temporal_jitter) for s in splits}
     except (OSError, LookupError, ValueError) as exc:      # dataset.DataError is a ValueError
         raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
-    classes = spec.num_classes or KNOWN_CLASSES.get(spec.dataset) or max(s.num_classes for s in sets.values())
+    classes = spec.num_classes or known_classes(spec.dataset) or max(s.num_classes for s in sets.values())
     for data in sets.values():
         if data.num_classes > classes:
             raise UserError(f"{data.list_file} has labels up to {data.num_classes - 1}, but the model has {classes} "
@@ -126,13 +131,12 @@ def make_data(spec: DataSpec, env: Env, need_train: bool = True) -> Data:
     if not need_train:
         return Data(None, val, classes, notes)
     train_set = sets['train']
+    if len(train_set) == 0:
+        raise UserError(f"{train_set.list_file} lists no training clip that can be used: check the list file")
     order = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=spec.seed) \
         if env.world > 1 else RandomSampler(train_set, generator=torch.Generator())
-    train = DataLoader(SeededClips(train_set), batch_size=spec.batch_size, sampler=SeededSampler(order),
-                       drop_last=True, **common)
-    if len(train) == 0:
-        raise UserError(f"{len(train_set)} training clips make no full batch of {spec.batch_size} per process: "
-                        f"lower --batch-size")
+    # The last, partial batch is kept, as in the original.
+    train = DataLoader(SeededClips(train_set), batch_size=spec.batch_size, sampler=SeededSampler(order), **common)
     return Data(train, val, classes, notes)
 
 

@@ -8,7 +8,7 @@ import torch
 import admm
 
 from .checkpoints import load_into, new_model
-from .data import KNOWN_CLASSES, make_data, to_device
+from .data import known_classes, make_data, to_device
 from .engine import evaluate
 from .files import find_baseline, written_atomically
 from .optim import guard_bf16
@@ -22,6 +22,23 @@ def check_block(model, block_size):
         admm.check_block_size([p.shape for p in model.parameters()], tuple(block_size))
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_pattern(model, sparsity_types, block_size, tolerance=0.01):
+    """Refuse a block size the pruned convs' zeros do not fit: their kernel groups would be partly
+    zero, so the model was pruned with another --connectivity-block-size (KGS execution would then
+    compute most of the zeros)."""
+    gm, gn = block_size
+    for kind in [t for t in sparsity_types if t in admm.BLOCK_TYPES]:
+        for name, p in model.named_parameters():
+            if p.dim() < 3 or bool(p.detach().all()):
+                continue
+            mixed = admm.mixed_groups(p, kind, block_size)
+            if mixed > tolerance:
+                raise UserError(f"--connectivity-block-size {gm} {gn} does not fit the zeros of {name}: "
+                                f"{100 * mixed:.0f}% of its {kind} groups of {gm}x{gn} are partly zero. The model was "
+                                f"pruned with another block size: pass that one (a run directory's name says it: "
+                                f"..._{kind}-r8c4 means 8 4)")
 
 
 def faster(model, arch, sparsity_types, block_size, clip):
@@ -64,7 +81,7 @@ def run_export(specs: Specs, env):
             raise UserError(f"{path} exists: choose another --export-out, or pass --force to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise UserError(f"folder {os.path.dirname(os.path.abspath(out))} of --export-out does not exist: create it")
-    classes = data.num_classes or KNOWN_CLASSES.get(run.dataset, 101)
+    classes = data.num_classes or known_classes(run.dataset) or 101
     model = new_model(run.arch, classes, data.num_frames, data.crop, torch.device('cpu'))
     load_into(model, d.export, run.arch)
     state = model.state_dict()
@@ -80,6 +97,7 @@ def run_export(specs: Specs, env):
              f"models.compact.load_compact reads it back)")
     if d.sparse_exec:
         from models.slim import save_model
+        check_pattern(model, p.sparsity_types, p.block_size)
         model, _ = faster(model.eval(), run.arch, p.sparsity_types, p.block_size,
                           torch.randn(1, 3, data.num_frames, data.crop, data.crop))
         with written_atomically(fast_path) as tmp:
@@ -107,6 +125,7 @@ def run_evaluate(specs: Specs, env):
     speed = None
     if specs.deploy.sparse_exec:
         check_block(model, p.block_size)
+        check_pattern(model, p.sparsity_types, p.block_size)
         clips, _ = next(iter(data.val))
         model, speed = faster(model.eval(), run.arch, p.sparsity_types, p.block_size, to_device(clips, env.device))
         net = model             # no DDP around it: nothing to synchronise, evaluate() sums over processes

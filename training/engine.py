@@ -7,6 +7,7 @@ update before the epochs it is due (`on_epoch`), and writes the resume point aft
 """
 import contextlib
 import dataclasses
+import re
 import sys
 import time
 import warnings
@@ -34,7 +35,7 @@ from .runtime import (
 )
 
 HISTORY_KEYS = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'val_top5', 'lr')
-REPORT_LABELS = {'near_zero': '|w|<1e-4', 'distance': '||W-Z||/||W||', 'small_groups': 'small groups'}
+REPORT_LABELS = {'distance': '||W-Z||/||W||', 'small_groups': 'small groups'}
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ class Updater:
         scheduler before each batch's forward pass, so the first batch already runs at step 1's rate."""
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():     # torch warns when a scheduler steps before the first optimiser step
-            warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')
+            warnings.filterwarnings('ignore', message=re.escape('Detected call of `lr_scheduler.step()`'))
             self.scheduler.step()
 
     def backward(self, loss):
@@ -224,9 +225,14 @@ def evaluate(model, loader, device, max_batches=None, amp_dtype=None, channels_l
 
 
 def log_report(regulariser, board=None, step=0):
-    """The regulariser's per-weight figures, in the log and on TensorBoard."""
+    """The regulariser's per-weight figures, in the log (the original's `Weight < 1e-4:` lines, then
+    ours) and on TensorBoard."""
+    log.info("Weight < 1e-4:")
     for name, row in regulariser.report().items():
-        log.info(f"  {name:<32} " + "  ".join(f"{REPORT_LABELS[k]}: {v:.4f}" for k, v in row.items()))
+        w = regulariser.params[name].detach()
+        zeros, size = int((w.abs() < 1e-4).sum()), w.numel()
+        log.info(f"  {name}: {zeros}/{size} = {zeros / size:.4f}   " +
+                 "  ".join(f"{REPORT_LABELS[k]}: {v:.4f}" for k, v in row.items() if k in REPORT_LABELS))
         if board is not None:
             for k, v in row.items():
                 board.add_scalar(f"{k}/{name}", v, step)
@@ -240,11 +246,18 @@ def placed(model, env, recipe):
     return wrap(model, env, recipe.multi_gpu)
 
 
+def new_optimizer(model, recipe: Recipe):
+    """The recipe's optimiser over `model`'s parameters (the foreach kind under an fp16 scaler)."""
+    return make_optimizer(model.parameters(), recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
+                          scaled=recipe.amp_dtype == torch.float16)
+
+
 def fit(model, data: Data, recipe: Recipe, env: Env, schedule, *, meta, resume_path, best_path=None, resume=None,
-        stage=0, regulariser=None, masks=None, teacher=None, board=None):
+        stage=0, regulariser=None, masks=None, teacher=None, board=None, optimizer=None):
     """Train `model` for `recipe.epochs` epochs (from where `resume` stopped), validating after each.
 
-    `schedule(optimizer, steps_per_epoch)` builds the per-step learning-rate scheduler. The
+    `schedule(optimizer, steps_per_epoch)` builds the per-step learning-rate scheduler; `optimizer`
+    continues one of an earlier stage (the original's multi-rho ADMM keeps one), else a new one. The
     regulariser (admm.ADMM or admm.Reweighted) starts with the stage, updates before the epochs it
     is due (`on_epoch`) and adds its loss to every batch; `masks` keep zero weights at zero; the
     teacher distils except in the last 5 epochs. After every epoch the resume point goes to
@@ -253,8 +266,7 @@ def fit(model, data: Data, recipe: Recipe, env: Env, schedule, *, meta, resume_p
     base = unwrap(model)
     wrapped = model if model is not base else placed(model, env, recipe)
     scaler = torch.amp.GradScaler(env.device.type, enabled=recipe.amp_dtype == torch.float16)
-    optimizer = make_optimizer(base.parameters(), recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
-                               scaled=scaler.is_enabled())
+    optimizer = optimizer or new_optimizer(base, recipe)
     steps = steps_per_epoch(batches_per_epoch(data.train, recipe.max_batches), recipe.accum_steps)
     updater = Updater(optimizer, schedule(optimizer, steps), scaler if scaler.is_enabled() else None)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.smooth_eps)
@@ -303,7 +315,7 @@ def fit(model, data: Data, recipe: Recipe, env: Env, schedule, *, meta, resume_p
         if board is not None:
             for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
                 board.add_scalar(f"{k.split('_')[0]}/{k}", v, step)
-        if regulariser is not None and (regulariser.due(epoch + 1) or epoch == recipe.epochs):
+        if regulariser is not None and (regulariser.reports_after(epoch) or epoch == recipe.epochs):
             log_report(regulariser, board, step)
         state = checkpoint(meta, base.state_dict(), epoch, v1, history)
         if best_path and v1 > best['top1']:

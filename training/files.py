@@ -2,6 +2,7 @@
 where the baseline a pruning run starts from is found."""
 import contextlib
 import glob
+import itertools
 import json
 import os
 import re
@@ -28,18 +29,38 @@ def written_atomically(path: str):
         yield tmp
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        with contextlib.suppress(OSError):      # nothing to remove, or a file system that refuses: the error that
+            os.remove(tmp)                      # matters is the one that stopped the write
+
+
+def os_cause(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or what torch's writer wrapped in a RuntimeError), if any."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+SAVED = []          # what this process has saved, newest last (what an interrupted run says it kept)
 
 
 def atomic_save(obj, path: str) -> None:
-    """`torch.save` through `written_atomically`, synced to disk before the rename (rank 0 only)."""
+    """`torch.save` through `written_atomically`, synced to disk before the rename (rank 0 only). A
+    failed write (a full disk, a read-only file system) is a UserError naming the file; the previous
+    file stays intact."""
     if not is_main():
         return
-    with written_atomically(path) as tmp, open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with written_atomically(path) as tmp, open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:
+        cause = os_cause(exc)
+        if cause is None:
+            raise
+        kept = " (its previous version is intact)" if os.path.exists(path) else ""
+        raise UserError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
+    SAVED.append(path)
 
 
 def _start_time(pid):
@@ -89,6 +110,8 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
+                if os.path.isdir(self.path):
+                    raise UserError(f"{self.path} is a folder where this run keeps its lock file: move it") from None
                 other = self._read()
                 if other is None:            # being written by a run starting this instant
                     time.sleep(0.05)
@@ -164,19 +187,18 @@ class RunFiles:
     def path(self, file_name):
         return os.path.join(self.dir, file_name)
 
-    @property
-    def profiles(self):
-        """Copies of the profiles as the pruning phase read them (retraining uses these)."""
-        if self.n_profiles == 1:
-            return [self.path(f"{self.name}.yaml")]
-        return [self.path(f"{self.name}_{i + 1}.yaml") for i in range(self.n_profiles)]
+    def profile_copies(self, config_files):
+        """Where the pruning phase keeps a copy of each profile, as the original: `{profile name}.yaml`
+        in the run directory (retraining reads these copies)."""
+        names = [os.path.basename(c)[:-5] if c.endswith('.yaml') else os.path.basename(c) for c in config_files]
+        return [self.path(f"{n}.yaml" if names.index(n) == i else f"{n}_{i + 1}.yaml") for i, n in enumerate(names)]
 
     def stage(self, rho):
         return self.path(f"{self.name}_{rho:g}.pt")
 
     def resume(self, phase):
-        """The resume point of `phase`: baseline, admm, rew (retraining: `result(...)` + `_last.pt`)."""
-        return self.path(f"{self.name}_last.pt" if phase == 'baseline' else f"{self.name}_{phase}_last.pt")
+        """The resume point of admm and rew (a trained result's is `{stem}.pt`, see `claim`)."""
+        return self.path(f"{self.name}_{phase}_last.pt")
 
     @property
     def rew(self):
@@ -199,6 +221,25 @@ class RunFiles:
                 'oneshot': f"{self.name}_oneshot"}[method]
         return self.path(stem + ('_distill' if self.distill else ''))
 
+    @staticmethod
+    def result_files(stem):
+        """Every file of a trained result: `{stem}.pt` (each epoch's model and resume point),
+        `{stem}_best.pt` (renamed `{stem}_epoch-{E}_top1-{acc}.pt` at the end), the kept-group index,
+        the per-epoch results and their plot."""
+        named = [f"{stem}{suffix}" for suffix in ('.pt', '_best.pt', '_kept.npz', '_results.npz', '_results.pdf')]
+        return [p for p in named if os.path.exists(p)] + finals(stem)
+
+    def claim(self, stem, resume):
+        """The stem this run writes under. A new run never mixes its files with a result already
+        there: it takes `{stem}_v2` (v3, ...) when any file of `stem` exists. --resume takes the
+        newest stem with a resume point."""
+        versions = [stem] + [f"{stem}_v{n}" for n in range(2, 10_000)]
+        used = list(itertools.takewhile(self.result_files, versions))
+        if resume:
+            started = [s for s in used if os.path.isfile(s + '.pt')]
+            return started[-1] if started else stem
+        return versions[len(used)]
+
     def final(self, stem, epoch, top1):
         """`{stem}_epoch-{E}_top1-{acc}.pt`, or `{stem}_v2_epoch-...` (v3, ...) if that exists."""
         return first_free(lambda n: f"{stem}{f'_v{n}' if n > 1 else ''}_epoch-{epoch}_top1-{top1:.3f}.pt")
@@ -207,6 +248,9 @@ class RunFiles:
         """Take the lock, then (fresh pruning run) move an existing directory aside to
         `_v1`, `_v2`, ..., create the directory and remove what killed saves left."""
         def action():
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise UserError(f"--ckpt-root {self.root} is a file, not a folder: pass a folder (it is created if "
+                                f"missing)")
             self.lock.acquire()
             if fresh and self.dir != self.root and os.path.isdir(self.dir):
                 self.moved_to = first_free(lambda n: f"{self.dir}_v{n}")
@@ -224,13 +268,19 @@ class RunFiles:
                 log.info(f"moved the previous run aside to {self.moved_to}")
 
 
+def finals(stem):
+    """The finished results `{stem}_epoch-{E}_top1-{acc}.pt` on disk."""
+    return sorted(glob.glob(glob.escape(stem) + '_epoch-*_top1-*.pt'))
+
+
 def find_baseline(ckpt_root: str, dataset: str, arch: str, data_location: str) -> str:
     """The original's baseline file if present, else the newest baseline this tool trained."""
     original = original_baseline(arch, dataset)
     if original and os.path.isfile(os.path.join(ckpt_root, original)):
         return os.path.join(ckpt_root, original)
     pattern = os.path.join(ckpt_root, f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")
-    ours = sorted(glob.glob(pattern), key=os.path.getmtime)
+    ours = sorted(glob.glob(os.path.join(glob.escape(ckpt_root), f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")),
+                  key=os.path.getmtime)
     if ours:
         return ours[-1]
     looked = ([os.path.join(ckpt_root, original)] if original else []) + [pattern]

@@ -15,8 +15,8 @@ from models import read_checkpoint
 
 from .checkpoints import checkpoint, load_into, model_meta, new_model, read_resume
 from .data import Data, make_data
-from .engine import Teacher, evaluate, fit, placed
-from .files import RunFiles, atomic_save, find_baseline
+from .engine import Teacher, evaluate, fit, new_optimizer, placed
+from .files import RunFiles, atomic_save, finals, find_baseline
 from .optim import admm_lr_factor, epoch_scheduler, guard_bf16, make_scheduler, rew_lr_factor
 from .runtime import UserError, check_same_on_all_ranks, is_main, log, log_command, setup_logging
 from .specs import Specs, run_options
@@ -72,14 +72,17 @@ def open_board(enabled, folder):
     return SummaryWriter(folder)
 
 
-def save_curves(history, stem):
-    """Per-epoch loss / accuracy as `stem.npz` and a plot `stem.png`."""
+def save_results(history, stem):
+    """Per-epoch figures as `{stem}_results.npz` (the original's `loss` and `acc`: validation loss and
+    top-1, and every history key) and their plot `{stem}_results.pdf`."""
     if not is_main() or not history['val_top1']:
         return
-    np.savez(stem + '.npz', **{k: np.asarray(v, dtype=np.float64) for k, v in history.items()})
+    figures = {k: np.asarray(v, dtype=np.float64) for k, v in history.items()}
+    np.savez(stem + '_results.npz', loss=figures['val_loss'], acc=figures['val_top1'], **figures)
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = np.arange(1, len(history['val_top1']) + 1)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, history['train_loss'], label='train')
@@ -90,22 +93,34 @@ def save_curves(history, stem):
     ax2.plot(epochs, history['val_top5'], label='validation top-5')
     ax2.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # whole epochs
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(stem + '.png', dpi=100)
+    fig.savefig(stem + '_results.pdf')
     plt.close(fig)
 
 
 def finish(files, stem, best):
-    """Rename the kept best model `{stem}.pt` to its final name; return that name."""
+    """Rename the kept best model `{stem}_best.pt` to its final name; return that name."""
     final = files.final(stem, best['epoch'], best['top1'])
     if is_main():
-        if not os.path.isfile(stem + '.pt'):
-            raise UserError(f"the best model {stem}.pt is missing (was it moved while the run trained?); "
+        if not os.path.isfile(stem + '_best.pt'):
+            raise UserError(f"the best model {stem}_best.pt is missing (was it moved while the run trained?); "
                             f"nothing was renamed")
-        os.replace(stem + '.pt', final)
+        os.replace(stem + '_best.pt', final)
     return final
+
+
+def read_result_resume(stem, options, epochs):
+    """The resume point `{stem}.pt` of a baseline or retraining, refused if that run has finished."""
+    resume = read_resume(stem + '.pt', options)
+    if resume['epoch'] >= epochs:
+        done = finals(stem)
+        raise UserError(f"--resume: nothing to resume, {stem}.pt is epoch {resume['epoch']} of {epochs}: that run "
+                        f"finished" + (f"; its result is {done[-1]}" if done else '') +
+                        ". A new run (without --resume) writes its files beside it, under a _v2 name")
+    return resume
 
 
 def begin(specs: Specs, files, phase, fresh, data, teacher_path):
@@ -139,15 +154,15 @@ def run_baseline(specs: Specs, env):
         load_into(model, run.load_path, run.arch)
     data.notes += guard_bf16(model, recipe.amp_dtype, data_spec.num_frames, data_spec.crop, env.device)
     options = run_options(specs, 'baseline', data.classes, source=run.load_path)
-    resume = read_resume(files.resume('baseline'), options) if run.resume else None
+    stem = files.claim(files.result('baseline'), run.resume)
+    resume = read_result_resume(stem, options, recipe.epochs) if run.resume else None
     teacher, teacher_path = make_teacher(specs, env, data.classes)
 
     begin(specs, files, 'baseline', False, data, teacher_path)
-    stem = files.result('baseline')
     history, best = fit(model, data, recipe, env, lr_schedule(specs), meta=meta_of(specs, data.classes, options),
-                        resume_path=files.resume('baseline'), best_path=stem + '.pt', resume=resume, teacher=teacher,
+                        resume_path=stem + '.pt', best_path=stem + '_best.pt', resume=resume, teacher=teacher,
                         board=open_board(run.tensorboard, files.tensorboard('baseline')))
-    save_curves(history, stem + '_curves')
+    save_results(history, stem)
     final = finish(files, stem, best)
     log.info(f"baseline: best top-1 {best['top1']:.3f} at epoch {best['epoch']}; saved {final}")
     return final
@@ -174,8 +189,16 @@ def pruning_setup(specs: Specs, env, config_files):
 
 def copy_profiles(config_files, files):
     if is_main():
-        for source, copy in zip(config_files, files.profiles):
+        for source, copy in zip(config_files, files.profile_copies(config_files)):
             shutil.copyfile(admm.resolve_profile_path(source), copy)
+
+
+def log_profiles(rules):
+    """Every profile's per-layer ratios, as the original lists them at the start."""
+    for ratios, kind in rules:
+        log.info(f"prune ratios ({kind}):")
+        for name, ratio in ratios.items():
+            log.info(f"  {name}: {ratio}")
 
 
 def keep_zeros(model):
@@ -210,6 +233,7 @@ def start_regularised(specs: Specs, env, phase):
         load_into(model, source, run.arch)
 
     begin(specs, files, phase, resume is None, data, teacher_path)
+    log_profiles(rules)
     if resume is None:
         copy_profiles(specs.pruning.config_files, files)
     return Regularised(files, data, model, rules, teacher, source, options, resume)
@@ -228,6 +252,7 @@ def run_admm(specs: Specs, env):
 
     first = resume['stage'] if resume else 0
     wrapped = placed(model, env, recipe)
+    optimizer = new_optimizer(model, recipe)        # one for every stage: momentum carries over, as in the original
     for stage in range(first, len(rhos)):
         rho = rhos[stage]
         if stage > first:
@@ -241,11 +266,11 @@ def run_admm(specs: Specs, env):
         meta = meta_of(specs, data.classes, r.options, stage=stage, rho=rho)
         history, _ = fit(wrapped, data, recipe, env, schedule, meta=meta, resume_path=files.resume('admm'),
                          resume=resume if stage == first else None, stage=stage, regulariser=state, masks=masks,
-                         teacher=r.teacher, board=board)
+                         teacher=r.teacher, board=board, optimizer=optimizer)
         atomic_save(checkpoint(meta, model.state_dict(), recipe.epochs, history['val_top1'][-1], history,
                                admm=state.state_dict()), files.stage(rho))
         log.info(f"stage {stage + 1} done: saved {files.stage(rho)}")
-    save_curves(stage_histories(files, rhos), files.path(f"{files.name}_admm_curves"))
+    save_results(stage_histories(files, rhos), files.path(f"{files.name}_admm"))
     return files.stage(rhos[-1])
 
 
@@ -279,7 +304,7 @@ def run_rew(specs: Specs, env):
                      teacher=r.teacher, board=open_board(specs.run.tensorboard, files.tensorboard('rew')))
     atomic_save(checkpoint(meta, model.state_dict(), recipe.epochs, history['val_top1'][-1], history,
                            rew=reg.state_dict()), files.rew)
-    save_curves(history, files.path(f"{files.name}_rew_curves"))
+    save_results(history, files.path(f"{files.name}_rew"))
     log.info(f"saved {files.rew}; prune and retrain it with --masked-retrain")
     return files.rew
 
@@ -303,12 +328,12 @@ def run_retrain(specs: Specs, env):
     run, p, recipe = specs.run, specs.pruning, specs.recipe
     files = pruning_files(specs)
     source, method = retrain_source(run.load_path, p.retrain_from, files, p.rhos[-1])
-    stem = files.result(method)
-    copies = method != 'oneshot' and all(os.path.isfile(f) for f in files.profiles)
-    data, model, rules, teacher, teacher_path = pruning_setup(specs, env,
-                                                               files.profiles if copies else p.config_files)
+    profiles = files.profile_copies(p.config_files)
+    copies = method != 'oneshot' and all(os.path.isfile(f) for f in profiles)
+    data, model, rules, teacher, teacher_path = pruning_setup(specs, env, profiles if copies else p.config_files)
     options = run_options(specs, 'masked_retrain', data.classes, rules, source)
-    resume = read_resume(stem + '_last.pt', options) if run.resume else None
+    stem = files.claim(files.result(method), run.resume)
+    resume = read_result_resume(stem, options, recipe.epochs) if run.resume else None
     if resume is None:
         if not os.path.isfile(source):
             raise UserError(f"no model to retrain: {source} does not exist. Run the ADMM phase first "
@@ -318,7 +343,10 @@ def run_retrain(specs: Specs, env):
 
     begin(specs, files, 'retrain', False, data, teacher_path)
     if copies:
-        log.info(f"profile: {', '.join(files.profiles)} (the copy the pruning phase saved)")
+        log.info(f"profile: {', '.join(profiles)} (the copy the pruning phase saved)")
+    log_profiles(rules)
+    if stem != files.result(method):
+        log.info(f"{files.result(method)}* holds another result: this run's files are {stem}*")
     if resume is None:
         ratios, types = pruning_args(rules)
         kept = admm.hard_prune(model, ratios, types, p.block_size)
@@ -333,9 +361,9 @@ def run_retrain(specs: Specs, env):
     check_same_on_all_ranks(masks.masks, 'pruning masks')
     log.info(f"masks on {len(masks)} parameters" + (f", identical on {env.world} processes" if env.world > 1 else ""))
     history, best = fit(model, data, recipe, env, lr_schedule(specs), meta=meta_of(specs, data.classes, options),
-                        resume_path=stem + '_last.pt', best_path=stem + '.pt', resume=resume, masks=masks,
+                        resume_path=stem + '.pt', best_path=stem + '_best.pt', resume=resume, masks=masks,
                         teacher=teacher, board=open_board(run.tensorboard, files.tensorboard('masked_retrain')))
-    save_curves(history, stem + '_curves')
+    save_results(history, stem)
     profiled = {n for r, _ in rules for n in r}
     for name, zeros in admm.sparsity_report(model, profiled).items():
         log.info(f"  {name:<32} sparsity {zeros:.3f}")

@@ -56,6 +56,10 @@ def on_main_first(action) -> None:
             action()
         except UserError as exc:
             message = str(exc)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            message = f"{exc.filename}: {exc.strerror or exc}"
     if dist.is_initialized():
         box = [message]
         dist.broadcast_object_list(box, src=0)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+from dataset import frame_root
 from models import DEFAULT_GEOMETRY
 
 from .data import DataSpec
@@ -99,7 +100,7 @@ def geometry(arch, crop_size=None, scale_size=None):
 def read_specs(args, env: Env) -> Specs:
     """Every spec of the run, from the parsed command line (options.parse_args)."""
     crop, scale = geometry(args.arch, args.crop_size, args.scale_size)
-    data = DataSpec(root=os.path.join(args.data_location, f"{args.dataset}_frame"), dataset=args.dataset,
+    data = DataSpec(root=frame_root(args.data_location, args.dataset), dataset=args.dataset,
                     num_frames=args.num_frames, crop=crop, scale=scale, temporal_jitter=args.temporal_jitter,
                     batch_size=args.batch_size, test_batch_size=args.test_batch_size or args.batch_size,
                     workers=args.workers, seed=args.seed, num_classes=args.num_classes)
