@@ -54,7 +54,7 @@ def test_logs_hold_the_command_options_batches_and_epochs(trained):
     assert re.search(r'epoch 2/2: train loss .* val loss .* top-1', text)
     assert 'Z and U updated' in text                       # admm-epochs 1: an update at epoch 2
     assert '||W-Z||/||W||' in text                          # the convergence report
-    assert re.search(r'Weight < 1e-4:\n.*  conv2.weight: \d+/110592 = 0\.\d{4}', text)    # the original's report
+    assert re.search(r'Weight < 1e-4:\n.*  conv2.weight: \d+/221184 = 0\.\d{4}', text)    # the original's report
     assert 'prune ratios (blk-kgs):' in text and '  conv3b.weight: 0.85' in text          # the profile, listed
     assert text.count('stage 1/2') == 1 and text.count('stage 2/2') == 1
 
