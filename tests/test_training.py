@@ -31,7 +31,8 @@ def test_run_directory_follows_the_seed_layout(trained):
     # The original's files: stage files, the profile copy under its own name, the retrained model of the last
     # epoch, its results and plot; the best model renamed with its epoch and top-1. Ours besides: logs, kept index.
     assert {f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', 'c3d_2.53x_v2.yaml', f'{RUN}_2rhos.pt', f'{RUN}_2rhos_results.npz',
-            f'{RUN}_2rhos_results.pdf', f'{RUN}_admm.log', f'{RUN}_retrain.log', f'{RUN}_2rhos_kept.npz'} <= files, files
+            f'{RUN}_2rhos_results.pdf', f'{RUN}_admm.log', f'{RUN}_retrain.log',
+            f'{RUN}_2rhos_kept.npz'} <= files, files
     assert any(re.fullmatch(rf'{re.escape(RUN)}_2rhos_epoch-\d_top1-\d+\.\d{{3}}\.pt', f) for f in files), files
     assert f'{RUN}_2rhos_best.pt' not in files                      # renamed at the end, as the original does
     assert not any('.tmp' in f for f in files)

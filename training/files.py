@@ -19,20 +19,6 @@ from models import original_baseline
 from .runtime import UserError, is_main, log, on_main_first
 
 
-@contextlib.contextmanager
-def written_atomically(path: str):
-    """Yield a temporary name beside `path` to write; it becomes `path` by a rename when the block
-    succeeds and is removed when it fails. A kill at any moment leaves the previous file intact (and
-    a `.tmp{pid}` file that the next run in this folder removes)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):      # nothing to remove, or a file system that refuses: the error that
-            os.remove(tmp)                      # matters is the one that stopped the write
-
-
 def os_cause(exc: BaseException) -> OSError | None:
     """The OSError behind `exc` (itself, or what torch's writer wrapped in a RuntimeError), if any."""
     while exc is not None and not isinstance(exc, OSError):
@@ -40,26 +26,38 @@ def os_cause(exc: BaseException) -> OSError | None:
     return exc
 
 
-SAVED = []          # what this process has saved, newest last (what an interrupted run says it kept)
-
-
-def atomic_save(obj, path: str) -> None:
-    """`torch.save` through `written_atomically`, synced to disk before the rename (rank 0 only). A
-    failed write (a full disk, a read-only file system) is a UserError naming the file; the previous
-    file stays intact."""
-    if not is_main():
-        return
+@contextlib.contextmanager
+def written_atomically(path: str):
+    """Yield a temporary name beside `path` to write; it becomes `path` by a rename when the block
+    succeeds and is removed when it fails. A kill at any moment leaves the previous file intact (and
+    a `.tmp{pid}` file that the next run in this folder removes). A write the file system refuses (a
+    full disk, a read-only folder) is a UserError naming the file and the cause."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with written_atomically(path) as tmp, open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         cause = os_cause(exc)
         if cause is None:
             raise
         kept = " (its previous version is intact)" if os.path.exists(path) else ""
         raise UserError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
+    finally:
+        with contextlib.suppress(OSError):      # nothing to remove, or a file system that refuses: the error that
+            os.remove(tmp)                      # matters is the one that stopped the write
+
+
+SAVED = []          # what this process has saved, newest last (what an interrupted run says it kept)
+
+
+def atomic_save(obj, path: str) -> None:
+    """`torch.save` through `written_atomically`, synced to disk before the rename (rank 0 only)."""
+    if not is_main():
+        return
+    with written_atomically(path) as tmp, open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     SAVED.append(path)
 
 
