@@ -12,11 +12,11 @@ from .data import known_classes, make_data, to_device
 from .engine import evaluate
 from .files import find_baseline, written_atomically
 from .optim import guard_bf16
-from .runtime import UserError, is_main, log, wrap
+from .runtime import Env, UserError, is_main, log, wrap
 from .specs import Specs
 
 
-def check_block(model, block_size):
+def check_block(model: torch.nn.Module, block_size) -> None:
     """--connectivity-block-size against the model's weights (admm.check_block_size), as a UserError."""
     try:
         admm.check_block_size([p.shape for p in model.parameters()], tuple(block_size))
@@ -24,7 +24,7 @@ def check_block(model, block_size):
         raise UserError(str(exc)) from None
 
 
-def check_pattern(model, sparsity_types, block_size, tolerance=0.01):
+def check_pattern(model: torch.nn.Module, sparsity_types, block_size, tolerance: float = 0.01) -> None:
     """Refuse a block size the pruned convs' zeros do not fit: their kernel groups would be partly
     zero, so the model was pruned with another --connectivity-block-size (KGS execution would then
     compute most of the zeros)."""
@@ -41,7 +41,7 @@ def check_pattern(model, sparsity_types, block_size, tolerance=0.01):
                                 f"..._{kind}-r8c4 means 8 4)")
 
 
-def faster(model, arch, sparsity_types, block_size, clip):
+def faster(model: torch.nn.Module, arch: str, sparsity_types, block_size, clip: torch.Tensor) -> tuple:
     """`(fast, report)`: `model` (eval mode, float32, on the CPU or one device) in the fastest form this
     package has for its pruning (models.slim.faster_model), each KGS layer chosen by measuring it on
     `clip`; `report` adds the whole model's figures: dense and fast medians on `clip`, their ratio,
@@ -66,7 +66,7 @@ def faster(model, arch, sparsity_types, block_size, clip):
     return fast, report
 
 
-def run_export(specs: Specs, env):
+def run_export(specs: Specs, env: Env) -> str:
     """A checkpoint in compact form (kept groups and their index), and optionally ONNX."""
     from models.compact import export_onnx, load_compact, save_compact
     run, d, data, p = specs.run, specs.deploy, specs.data, specs.pruning
@@ -112,7 +112,7 @@ def run_export(specs: Specs, env):
     return out
 
 
-def run_evaluate(specs: Specs, env):
+def run_evaluate(specs: Specs, env: Env) -> dict:
     import profile_flops
     run, data_spec, recipe, p = specs.run, specs.data, specs.recipe, specs.pruning
     path = run.load_path or find_baseline(run.ckpt_root, run.dataset, run.arch, run.data_location)

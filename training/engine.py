@@ -144,7 +144,7 @@ def train_step(model, clips, labels, criterion, updater, recipe, group, *, regul
     return task.detach(), loss.detach(), logits.detach()
 
 
-def batches_per_epoch(loader, max_batches=None):
+def batches_per_epoch(loader, max_batches: int | None = None) -> int:
     """Batches one epoch trains on: the loader's, or fewer with --max-batches."""
     return len(loader) if max_batches is None else min(len(loader), max_batches)
 
@@ -203,7 +203,8 @@ def train_one_epoch(model, loader, updater, criterion, device, epoch, recipe, *,
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, max_batches=None, amp_dtype=None, channels_last=False):
+def evaluate(model: torch.nn.Module, loader, device: torch.device, max_batches: int | None = None,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple:
     """Top-1 %, top-5 % and mean loss over the validation set (summed over processes)."""
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)
@@ -224,7 +225,7 @@ def evaluate(model, loader, device, max_batches=None, amp_dtype=None, channels_l
     return 100 * stats[0].item() / n, 100 * stats[1].item() / n, stats[2].item() / n
 
 
-def log_report(regulariser, board=None, step=0):
+def log_report(regulariser, board=None, step: int = 0) -> None:
     """The regulariser's per-weight figures, in the log (the original's `Weight < 1e-4:` lines, then
     ours) and on TensorBoard."""
     log.info("Weight < 1e-4:")
@@ -238,7 +239,7 @@ def log_report(regulariser, board=None, step=0):
                 board.add_scalar(f"{k}/{name}", v, step)
 
 
-def placed(model, env, recipe):
+def placed(model: torch.nn.Module, env: Env, recipe: Recipe) -> torch.nn.Module:
     """The model in its memory format, wrapped for data parallelism (once per phase: DDP keeps
     references to the parameters)."""
     if recipe.channels_last:
@@ -246,7 +247,7 @@ def placed(model, env, recipe):
     return wrap(model, env, recipe.multi_gpu)
 
 
-def new_optimizer(model, recipe: Recipe):
+def new_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimiser over `model`'s parameters (the foreach kind under an fp16 scaler)."""
     return make_optimizer(model.parameters(), recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
                           scaled=recipe.amp_dtype == torch.float16)

@@ -182,19 +182,19 @@ class RunFiles:
         name = f"{dataset}_{arch}_{types}" + (f"-r{block_size[0]}c{block_size[1]}" if block else "")
         return cls(ckpt_root, name, os.path.join(ckpt_root, name), rho_num, distill, len(sparsity_types))
 
-    def path(self, file_name):
+    def path(self, file_name: str) -> str:
         return os.path.join(self.dir, file_name)
 
-    def profile_copies(self, config_files):
+    def profile_copies(self, config_files) -> list:
         """Where the pruning phase keeps a copy of each profile, as the original: `{profile name}.yaml`
         in the run directory (retraining reads these copies)."""
         names = [os.path.basename(c)[:-5] if c.endswith('.yaml') else os.path.basename(c) for c in config_files]
         return [self.path(f"{n}.yaml" if names.index(n) == i else f"{n}_{i + 1}.yaml") for i, n in enumerate(names)]
 
-    def stage(self, rho):
+    def stage(self, rho: float) -> str:
         return self.path(f"{self.name}_{rho:g}.pt")
 
-    def resume(self, phase):
+    def resume(self, phase: str) -> str:
         """The resume point of admm and rew (a trained result's is `{stem}.pt`, see `claim`)."""
         return self.path(f"{self.name}_{phase}_last.pt")
 
@@ -202,15 +202,15 @@ class RunFiles:
     def rew(self):
         return self.path(f"{self.name}_rew.pt")
 
-    def log(self, phase):
+    def log(self, phase: str) -> str:
         return self.path(f"{self.name}.log" if phase == 'baseline' else f"{self.name}_{phase}.log")
 
-    def tensorboard(self, phase):
+    def tensorboard(self, phase: str) -> str:
         if phase == 'baseline':
             return os.path.join(self.root, 'tensorboard', self.name)
         return os.path.join(self.dir, 'tensorboard', 'retrain' if phase == 'masked_retrain' else phase)
 
-    def result(self, method):
+    def result(self, method: str) -> str:
         """Stem of a trained model: the baseline, or the retrained model after `method` (admm:
         `{run}_{R}rhos`, the original's name; rew: `{run}_rew_retrained`; oneshot: `{run}_oneshot`)."""
         if method == 'baseline':
@@ -220,14 +220,14 @@ class RunFiles:
         return self.path(stem + ('_distill' if self.distill else ''))
 
     @staticmethod
-    def result_files(stem):
+    def result_files(stem: str) -> list:
         """Every file of a trained result: `{stem}.pt` (each epoch's model and resume point),
         `{stem}_best.pt` (renamed `{stem}_epoch-{E}_top1-{acc}.pt` at the end), the kept-group index,
         the per-epoch results and their plot."""
         named = [f"{stem}{suffix}" for suffix in ('.pt', '_best.pt', '_kept.npz', '_results.npz', '_results.pdf')]
         return [p for p in named if os.path.exists(p)] + finals(stem)
 
-    def claim(self, stem, resume):
+    def claim(self, stem: str, resume: bool) -> str:
         """The stem this run writes under. A new run never mixes its files with a result already
         there: it takes `{stem}_v2` (v3, ...) when any file of `stem` exists. --resume takes the
         newest stem with a resume point."""
@@ -238,11 +238,11 @@ class RunFiles:
             return started[-1] if started else stem
         return versions[len(used)]
 
-    def final(self, stem, epoch, top1):
+    def final(self, stem: str, epoch: int, top1: float) -> str:
         """`{stem}_epoch-{E}_top1-{acc}.pt`, or `{stem}_v2_epoch-...` (v3, ...) if that exists."""
         return first_free(lambda n: f"{stem}{f'_v{n}' if n > 1 else ''}_epoch-{epoch}_top1-{top1:.3f}.pt")
 
-    def start(self, fresh):
+    def start(self, fresh: bool) -> None:
         """Take the lock, then (fresh pruning run) move an existing directory aside to
         `_v1`, `_v2`, ..., create the directory and remove what killed saves left."""
         def action():
@@ -266,7 +266,7 @@ class RunFiles:
                 log.info(f"moved the previous run aside to {self.moved_to}")
 
 
-def finals(stem):
+def finals(stem: str) -> list:
     """The finished results `{stem}_epoch-{E}_top1-{acc}.pt` on disk."""
     return sorted(glob.glob(glob.escape(stem) + '_epoch-*_top1-*.pt'))
 

@@ -7,8 +7,10 @@ train with `engine.fit`. Files follow the original's layout; `RunFiles` names th
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 
 import numpy as np
+import torch
 
 import admm
 from models import read_checkpoint
@@ -18,11 +20,11 @@ from .data import Data, make_data
 from .engine import Teacher, evaluate, fit, new_optimizer, placed
 from .files import RunFiles, atomic_save, finals, find_baseline
 from .optim import admm_lr_factor, epoch_scheduler, guard_bf16, make_scheduler, rew_lr_factor
-from .runtime import UserError, check_same_on_all_ranks, is_main, log, log_command, setup_logging
+from .runtime import Env, UserError, check_same_on_all_ranks, is_main, log, log_command, setup_logging
 from .specs import Specs, run_options
 
 
-def load_rules(config_files, sparsity_types, model, block_size):
+def load_rules(config_files, sparsity_types, model: torch.nn.Module, block_size: tuple) -> list:
     """[(prune_ratios, sparsity_type)] of the profiles, checked against the model's weights."""
     try:
         rules = [(admm.load_profile(c, model), t) for c, t in zip(config_files, sparsity_types)]
@@ -35,14 +37,14 @@ def load_rules(config_files, sparsity_types, model, block_size):
     return rules
 
 
-def pruning_args(rules):
+def pruning_args(rules: list) -> tuple:
     """ADMM / hard_prune take one profile and type, or lists of both (masks multiply)."""
     if len(rules) == 1:
         return rules[0]
     return [r for r, _ in rules], [t for _, t in rules]
 
 
-def make_teacher(specs: Specs, env, classes):
+def make_teacher(specs: Specs, env: Env, classes: int) -> tuple:
     """(Teacher, its checkpoint) for --distill, else (None, None)."""
     distill, run, data = specs.distill, specs.run, specs.data
     if distill is None:
@@ -54,14 +56,14 @@ def make_teacher(specs: Specs, env, classes):
     return Teacher(model, distill.temperature, distill.kd_coefficient, distill.teacher_mode == 'train'), path
 
 
-def lr_schedule(specs: Specs):
+def lr_schedule(specs: Specs) -> Callable:
     """`schedule(optimizer, steps per epoch)` of --lr-scheduler with --warmup (baseline, retraining)."""
     s, recipe = specs.schedule, specs.recipe
     return lambda opt, steps: make_scheduler(opt, s.kind, recipe.lr, recipe.epochs, steps, s.warmup_epochs,
                                              s.warmup_lr)
 
 
-def open_board(enabled, folder):
+def open_board(enabled: bool, folder: str):
     """A TensorBoard writer in `folder` (rank 0, with --tensorboard), else None."""
     if not enabled or not is_main():
         return None
@@ -72,7 +74,7 @@ def open_board(enabled, folder):
     return SummaryWriter(folder)
 
 
-def save_results(history, stem):
+def save_results(history: dict, stem: str) -> None:
     """Per-epoch figures as `{stem}_results.npz` (the original's `loss` and `acc`: validation loss and
     top-1, and every history key) and their plot `{stem}_results.pdf`."""
     if not is_main() or not history['val_top1']:
@@ -101,7 +103,7 @@ def save_results(history, stem):
     plt.close(fig)
 
 
-def finish(files, stem, best):
+def finish(files: RunFiles, stem: str, best: dict) -> str:
     """Rename the kept best model `{stem}_best.pt` to its final name; return that name."""
     final = files.final(stem, best['epoch'], best['top1'])
     if is_main():
@@ -112,7 +114,7 @@ def finish(files, stem, best):
     return final
 
 
-def read_result_resume(stem, options, epochs):
+def read_result_resume(stem: str, options: dict, epochs: int) -> dict:
     """The resume point `{stem}.pt` of a baseline or retraining, refused if that run has finished."""
     resume = read_resume(stem + '.pt', options)
     if resume['epoch'] >= epochs:
@@ -123,7 +125,7 @@ def read_result_resume(stem, options, epochs):
     return resume
 
 
-def begin(specs: Specs, files, phase, fresh, data, teacher_path):
+def begin(specs: Specs, files: RunFiles, phase: str, fresh: bool, data: Data, teacher_path: str | None) -> None:
     """Everything is checked: lock the run's files (moving an old run directory aside for a fresh
     run), open the phase's log, say what the command line and the data setup mean."""
     files.start(fresh)
@@ -138,13 +140,13 @@ def begin(specs: Specs, files, phase, fresh, data, teacher_path):
                  f"{d.teacher_mode} mode)")
 
 
-def meta_of(specs: Specs, classes, options, **more):
+def meta_of(specs: Specs, classes: int, options: dict, **more) -> dict:
     return dict(model_meta(specs.run.arch, classes, specs.data.num_frames, specs.data.crop), options=options, **more)
 
 
 # ----------------------------------------------------------------------------- baseline
 
-def run_baseline(specs: Specs, env):
+def run_baseline(specs: Specs, env: Env) -> str:
     run, data_spec, recipe = specs.run, specs.data, specs.recipe
     files = RunFiles.baseline(run.ckpt_root, run.dataset, run.arch)
     data = make_data(data_spec, env)
@@ -170,13 +172,13 @@ def run_baseline(specs: Specs, env):
 
 # ----------------------------------------------------------------------------- pruning
 
-def pruning_files(specs: Specs):
+def pruning_files(specs: Specs) -> RunFiles:
     run, p = specs.run, specs.pruning
     return RunFiles.pruning(run.ckpt_root, run.dataset, run.arch, p.sparsity_types, p.block_size, p.rho_num,
                             specs.distill is not None)
 
 
-def pruning_setup(specs: Specs, env, config_files):
+def pruning_setup(specs: Specs, env: Env, config_files) -> tuple:
     """What --admm, --rew and --masked-retrain check before they touch the disk: data, model,
     profiles, teacher. Returns (data, model, rules, teacher, teacher_path)."""
     run, data_spec = specs.run, specs.data
@@ -187,13 +189,13 @@ def pruning_setup(specs: Specs, env, config_files):
     return (data, model, rules, *make_teacher(specs, env, data.classes))
 
 
-def copy_profiles(config_files, files):
+def copy_profiles(config_files, files: RunFiles) -> None:
     if is_main():
         for source, copy in zip(config_files, files.profile_copies(config_files)):
             shutil.copyfile(admm.resolve_profile_path(source), copy)
 
 
-def log_profiles(rules):
+def log_profiles(rules: list) -> None:
     """Every profile's per-layer ratios, as the original lists them at the start."""
     for ratios, kind in rules:
         log.info(f"prune ratios ({kind}):")
@@ -201,7 +203,7 @@ def log_profiles(rules):
             log.info(f"  {name}: {ratio}")
 
 
-def keep_zeros(model):
+def keep_zeros(model: torch.nn.Module) -> admm.Masks:
     masks = admm.Masks(model, weights_only=True)
     log.info(f"--combine-progressive: keeping the zeros of {len(masks)} weights")
     return masks
@@ -220,7 +222,7 @@ class Regularised:
     resume: dict | None
 
 
-def start_regularised(specs: Specs, env, phase):
+def start_regularised(specs: Specs, env: Env, phase: str) -> 'Regularised':
     """The start --admm and --rew share: check everything, load the dense model (unless resuming),
     lock the run directory (a fresh run moves an old one aside) and keep a copy of the profiles."""
     run = specs.run
@@ -239,7 +241,7 @@ def start_regularised(specs: Specs, env, phase):
     return Regularised(files, data, model, rules, teacher, source, options, resume)
 
 
-def run_admm(specs: Specs, env):
+def run_admm(specs: Specs, env: Env) -> str:
     r = start_regularised(specs, env, 'admm')
     p, arch, recipe = specs.pruning, specs.run.arch, specs.recipe
     files, data, model, resume = r.files, r.data, r.model, r.resume
@@ -274,7 +276,7 @@ def run_admm(specs: Specs, env):
     return files.stage(rhos[-1])
 
 
-def stage_histories(files, rhos):
+def stage_histories(files: RunFiles, rhos: list) -> dict:
     """Concatenate the per-stage histories saved in the stage files."""
     history = None
     for rho in rhos:
@@ -284,7 +286,7 @@ def stage_histories(files, rhos):
     return history or {'val_top1': []}
 
 
-def run_rew(specs: Specs, env):
+def run_rew(specs: Specs, env: Env) -> str:
     """Reweighted group regularisation (the follow-up's): task loss + penalty / profiles *
     sum_g alpha_g ||w_g||, alpha recomputed after each --rew-milestones epoch."""
     r = start_regularised(specs, env, 'rew')
@@ -311,7 +313,7 @@ def run_rew(specs: Specs, env):
 
 # ----------------------------------------------------------------------------- retraining
 
-def retrain_source(load_path, retrain_from, files, last_rho):
+def retrain_source(load_path: str | None, retrain_from: str, files: RunFiles, last_rho: float) -> tuple:
     """(model to hard-prune, method naming the result): --load-path (one-shot pruning), else the
     last ADMM stage or the --rew model (--retrain-from; auto takes whichever is newer)."""
     if load_path:
@@ -324,7 +326,7 @@ def retrain_source(load_path, retrain_from, files, last_rho):
     return choices[method], method
 
 
-def run_retrain(specs: Specs, env):
+def run_retrain(specs: Specs, env: Env) -> str:
     run, p, recipe = specs.run, specs.pruning, specs.recipe
     files = pruning_files(specs)
     source, method = retrain_source(run.load_path, p.retrain_from, files, p.rhos[-1])
