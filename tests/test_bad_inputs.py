@@ -13,7 +13,7 @@ import torch
 from runner import GEOMETRY, ROOT, RUN, fails_cleanly, run
 
 import admm
-from models import build_model
+from models import build_model, read_checkpoint
 from training import phases
 from training.files import RunFiles, atomic_save, find_baseline, written_atomically
 from training.runtime import UserError
@@ -48,6 +48,31 @@ def test_a_second_one_shot_retraining_keeps_the_first_results_files(trained, dat
     assert {p: open(p, 'rb').read() for p in first} == first             # the first result, untouched
     assert (folder / f'{RUN}_oneshot_v2_kept.npz').exists()
     assert len(glob.glob(str(folder / f'{RUN}_oneshot_v2_epoch-1_top1-*.pt'))) == 1
+
+
+@pytest.mark.e2e
+def test_a_resumed_retraining_ends_with_the_weights_of_an_uninterrupted_one(data, baseline, tmp_path):
+    # The masks of a resumed run come from the weights it resumes (not from a new model's).
+    args = ['--masked-retrain', '--epochs', 2, '--max-batches', 3, '--load-path', baseline, '--lr', 0.001,
+            '--data_location', data, *GEOMETRY]
+    run(*args, '--ckpt-root', tmp_path / 'straight')
+    cut = tmp_path / 'cut'
+    log = cut / RUN / f'{RUN}_retrain.log'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args), '--ckpt-root',
+                             str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and 'epoch 2 batch 1/' in log.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not glob.glob(str(cut / RUN / f'{RUN}_oneshot_epoch-*.pt')), 'the run finished before it could be killed'
+    run(*args, '--ckpt-root', cut, '--resume')
+    a, _ = read_checkpoint(glob.glob(str(tmp_path / 'straight' / RUN / f'{RUN}_oneshot.pt'))[0])
+    b, _ = read_checkpoint(str(cut / RUN / f'{RUN}_oneshot.pt'))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # ----------------------------------------------------------------------------- paths

@@ -233,6 +233,8 @@ def start_regularised(specs: Specs, env: Env, phase: str) -> 'Regularised':
     resume = read_resume(files.resume(phase), options) if run.resume else None
     if resume is None:
         load_into(model, source, run.arch)
+    else:                       # the weights as they stood: --combine-progressive's masks are read off them
+        model.load_state_dict(resume['state_dict'])
 
     begin(specs, files, phase, resume is None, data, teacher_path)
     log_profiles(rules)
@@ -342,6 +344,8 @@ def run_retrain(specs: Specs, env: Env) -> str:
                             f"(--admm with the same --arch, --dataset, --sparsity-type, --rho, --rho-num) or --rew, "
                             f"or pass --load-path MODEL for one-shot pruning of a trained model")
         load_into(model, source, run.arch)
+    else:                       # the pruned weights as they stood: the masks are read off their zeros
+        model.load_state_dict(resume['state_dict'])
 
     begin(specs, files, 'retrain', False, data, teacher_path)
     if copies:
