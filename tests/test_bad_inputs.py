@@ -168,8 +168,9 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(data, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     text = stdout + stderr
     assert proc.returncode == 130 and 'Traceback' not in text, text[-3000:]
-    assert f'interrupted: the last epoch that finished is saved in {saved}; continue with: ' in text
-    assert text.rstrip().endswith('--resume')
+    line = next(line for line in text.splitlines() if line.startswith('interrupted: '))
+    assert line.startswith(f'interrupted: the last epoch that finished is saved in {saved}; continue with: ')
+    assert line.endswith(' --resume')
     assert not (tmp_path / 'ucf101_c3d_baseline.lock').exists()
 
 

@@ -63,4 +63,4 @@ def test_a_mini_dataset_reads_the_mini_lists_and_databases(data, tmp_path):
                     temporal_jitter=False, batch_size=4, test_batch_size=4, workers=0, seed=1, num_classes=None)
     loaded = make_data(spec, Env(torch.device('cpu'), 0, 1, 1))
     assert loaded.classes == 101                                          # UCF101's, as the original
-    assert loaded.val.dataset.list_file == str(frames / 'mini_val.txt')
+    assert str(loaded.val.dataset.list_file) == str(frames / 'mini_val.txt')

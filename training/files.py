@@ -19,11 +19,17 @@ from models import original_baseline
 from .runtime import UserError, is_main, log, on_main_first
 
 
-def os_cause(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc` (itself, or what torch's writer wrapped in a RuntimeError), if any."""
-    while exc is not None and not isinstance(exc, OSError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
+def write_failure(exc: BaseException) -> str | None:
+    """What the file system said when a write failed: an OSError's reason (itself, or one that torch's
+    writer wrapped in a RuntimeError), or the reason torch's own file writer reports; None for
+    anything else."""
+    inner = exc
+    while inner is not None and not isinstance(inner, OSError):
+        inner = inner.__cause__ or inner.__context__
+    if inner is not None:
+        return inner.strerror or str(inner)
+    found = re.search(r'(?:open file failed with strerror|file write failed)(?::\s*(.*))?', str(exc))
+    return (found.group(1) or 'the write failed (is the disk full?)').strip() if found else None
 
 
 @contextlib.contextmanager
@@ -37,11 +43,11 @@ def written_atomically(path: str):
         yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
-        cause = os_cause(exc)
+        cause = write_failure(exc)
         if cause is None:
             raise
         kept = " (its previous version is intact)" if os.path.exists(path) else ""
-        raise UserError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
+        raise UserError(f"could not write {path}: {cause}{kept}") from None
     finally:
         with contextlib.suppress(OSError):      # nothing to remove, or a file system that refuses: the error that
             os.remove(tmp)                      # matters is the one that stopped the write
