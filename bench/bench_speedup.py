@@ -325,14 +325,22 @@ def openvino_session(path, clip, threads):
 
 class DeepSparse:
     """bench/deepsparse_worker.py in DeepSparse's own venv: compiles the ONNX files, then times one
-    inference per request, so DeepSparse takes its turns in the same round-robin as the other runtimes."""
+    inference per request, so DeepSparse takes its turns in the same round-robin as the other runtimes.
+    A graph whose compilation kills the worker (DeepSparse 1.8 segfaults on some convs) is left out and
+    the worker started again without it: `failed` names those graphs."""
 
-    def __init__(self, python, files, clip_path, threads):
-        command = [python, os.path.join(HERE, 'deepsparse_worker.py'), '--threads', str(threads),
-                   '--input', clip_path] + [f'{name}={path}' for name, path in files.items()]
-        self.python = python
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, 'NM_DISABLE_ANALYTICS': '1'})
+    def __init__(self, python, files, clip_path, threads, log_dir):
+        self.python, self.files, self.clip_path, self.threads = python, dict(files), clip_path, threads
+        self.log = os.path.join(log_dir, 'deepsparse.log')
+        self.failed = {}
+        self._start()
+
+    def _start(self):
+        command = [self.python, os.path.join(HERE, 'deepsparse_worker.py'), '--threads', str(self.threads),
+                   '--input', self.clip_path] + [f'{name}={path}' for name, path in self.files.items()]
+        with open(self.log, 'w') as log:    # DeepSparse's banner and crash dumps; the last lines are shown
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, env={**os.environ, 'NM_DISABLE_ANALYTICS': '1'})
 
     def _ask(self, line):
         self.process.stdin.write(line + '\n')
@@ -341,15 +349,45 @@ class DeepSparse:
 
     def _answer(self):
         answer = self.process.stdout.readline()
-        if not answer or answer.startswith('error'):
-            raise RuntimeError(f"DeepSparse worker ({self.python}) {answer.strip() or 'stopped'}; its messages are "
-                               f"above. Check the venv as docs/benchmarks.md says")
+        if answer.startswith('error'):
+            raise RuntimeError(f"DeepSparse worker: {answer.strip()}")
+        if not answer:
+            self.process.wait(timeout=30)
+            raise RuntimeError(f"DeepSparse worker ({self.python}) stopped: {self._last_words()}")
         return answer.strip()
 
-    def wait_ready(self):
-        answer = self._answer()
-        if not answer.startswith('ready'):
-            raise RuntimeError(f"DeepSparse worker ({self.python}) said {answer!r} instead of ready")
+    def _last_words(self):
+        """The line of the worker's log that says why it stopped (after it stopped)."""
+        with open(self.log) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        said = [line for line in lines if 'signal' in line.lower() or 'error' in line.lower()]
+        return (said or lines or ['no message'])[-1]
+
+    def wait_ready(self, names):
+        """Wait until every graph compiled, printing each; `names` maps file keys to row labels."""
+        compiling = None
+        while True:
+            line = self.process.stdout.readline()
+            if line.startswith('ready'):
+                return
+            if line.startswith('compiling '):
+                compiling = line.split()[1]
+            elif line.startswith('compiled '):
+                _, key, seconds = line.split()
+                print(f"  DeepSparse: {names[key]} compiled in {float(seconds):.0f} s", flush=True)
+            elif not line:
+                self.process.wait()
+                if compiling is None:
+                    raise RuntimeError(f"DeepSparse worker ({self.python}) stopped before compiling: "
+                                       f"{self._last_words()}; check the venv as docs/benchmarks.md says")
+                self.failed[compiling] = self._last_words()
+                print(f"  DeepSparse: {names[compiling]} crashed the compiler ({self.failed[compiling]}); "
+                      f"left out", flush=True)
+                del self.files[compiling]
+                if not self.files:
+                    return
+                self._start()
+                compiling = None
 
     def timer(self, name):
         return lambda: float(self._ask(f'time {name}'))
@@ -378,9 +416,11 @@ def relative_difference(out, ref):
 
 # ----------------------------------------------------------------------------- whole model
 
-def whole_table(times, reductions, notes, runtimes):
+def whole_table(times, reductions, notes, runtimes, failures=None):
     """`(markdown table, headline lines)` from `times[(row, runtime)]` seconds: each cell ms and its speedup
-    over the fastest dense runtime; one line per pruned row with its fast form against that runtime."""
+    over the fastest dense runtime; one line per pruned row with its fast form against that runtime.
+    `failures[(row, runtime)]` says why a cell has no time."""
+    failures = failures or {}
     dense = {rt: times[('dense', rt)] for rt in runtimes if ('dense', rt) in times}
     if not dense:
         raise ValueError("no dense runtime was timed: nothing to compare against")
@@ -391,7 +431,7 @@ def whole_table(times, reductions, notes, runtimes):
         cells = [row, f"{reductions[row]:.2f}x"]
         for rt in runtimes:
             t = times.get((row, rt))
-            cell = '' if t is None else f"{t * 1e3:.0f} ({base / t:.2f}x)"
+            cell = failures.get((row, rt), '') if t is None else f"{t * 1e3:.0f} ({base / t:.2f}x)"
             cells.append(f"**{cell}**" if (row, rt) == ('dense', fastest) else cell)
         rows.append(cells + [notes.get(row, '')])
     head = ['model', 'FLOPs reduction'] + [f"{TITLES[rt]} ms" for rt in runtimes] + ['note']
@@ -431,6 +471,7 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
         target = reductions[f'KGS {block_name(blocks[0])}']
         pruned, scale, reduction = filter_pruned(base, profile, target, clip_shape)
         slim, _ = faster_model(pruned, arch, 'filter')
+        del pruned
         reductions['slim filter'] = reduction
         notes['slim filter'] = f"filter type, the profile's ratios x{scale:.2f}"
     tables = []
@@ -463,7 +504,7 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
             reductions[f'KGS {label}, fast form exported'] = reductions[f'KGS {label}']
             reference[f'KGS {label}, fast form exported'] = variants[label]
 
-    timers, outputs = {}, {}
+    timers, outputs, failures = {}, {}, {}
     if 'torch' in runtimes:
         timers[('dense', 'torch')] = wall(lambda: base(clip))
         for label, model in fast.items():
@@ -481,9 +522,14 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
             for i, (label, model) in enumerate(graphs.items()):
                 files[label] = export_onnx(model, os.path.join(tmp, f'{i}.onnx'), clip_shape)
             np.save(os.path.join(tmp, 'clip.npy'), clip.numpy())
+        # From here the masked PyTorch models are files: free them (C3D's are 300 MB each).
+        for held in (graphs, reference, variants):
+            held.clear()
+        model = None
+        keys = {f'm{i}': label for i, label in enumerate(files)}         # file keys of the DeepSparse worker
         if 'deepsparse' in runtimes:           # compiles in its process while the others build their sessions
-            worker = DeepSparse(opts.deepsparse_python, {f'm{i}': p for i, p in enumerate(files.values())},
-                                os.path.join(tmp, 'clip.npy'), threads)
+            worker = DeepSparse(opts.deepsparse_python, {key: files[label] for key, label in keys.items()},
+                                os.path.join(tmp, 'clip.npy'), threads, tmp)
         x = clip.numpy()
         for rt, make in (('onnxruntime', onnxruntime_session), ('openvino', openvino_session)):
             if rt in runtimes:
@@ -492,10 +538,11 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
                     outputs[(label, rt)] = run()
                     timers[(label, rt)] = wall(run)
         if worker is not None:
-            worker.wait_ready()
-            for i, label in enumerate(files):
-                outputs[(label, 'deepsparse')] = worker.output(f'm{i}')
-                timers[(label, 'deepsparse')] = worker.timer(f'm{i}')
+            worker.wait_ready(keys)
+            for key in worker.files:
+                outputs[(keys[key], 'deepsparse')] = worker.output(key)
+                timers[(keys[key], 'deepsparse')] = worker.timer(key)
+            failures.update({(keys[key], 'deepsparse'): 'compiler crashed' for key in worker.failed})
         worst = max(((relative_difference(out, expected[label]), label, rt) for (label, rt), out in outputs.items()),
                     default=(0.0, '', ''))
         times = round_robin(timers, reps, opts.pause)
@@ -505,7 +552,7 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
         shutil.rmtree(tmp, ignore_errors=True)
         for model in fast.values():
             release(model)
-    table, lines = whole_table(times, reductions, notes, runtimes)
+    table, lines = whole_table(times, reductions, notes, runtimes, failures)
     check = (f"largest output difference from PyTorch's on the same graph: {worst[0]:.1e} of the largest logit"
              + (f" ({worst[1]}, {TITLES[worst[2]]})" if worst[1] else ''))
     if worst[0] > 1e-3:

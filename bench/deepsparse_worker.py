@@ -3,13 +3,14 @@
 
     python deepsparse_worker.py --threads 2 --input clip.npy dense=/tmp/dense.onnx slim=/tmp/slim.onnx
 
-Compiles each ONNX file (`--threads` cores), prints `ready {"name": [input shape], ...}` on stdout,
+Compiles each ONNX file (`--threads` cores; `compiling NAME` before and `compiled NAME SECONDS` after
+each, on stdout, so a compiler crash names its graph), prints `ready {"name": [input shape], ...}`,
 then answers each line on stdin: `time NAME` with the seconds one inference took, `output NAME` with
 its first output as a JSON list, `quit` (or the end of stdin) stops. So the caller can put DeepSparse
 in the same round-robin as its other runtimes. The input is `--input` (a .npy file, the caller's clip),
 else random at the graph's static shape with `--batch` clips. With `--reps N` it runs the files
 round-robin itself instead and prints `{"name": median seconds}` as JSON.
-Needs numpy and deepsparse only (no torch, nothing of the project).
+Needs the DeepSparse venv only (deepsparse, onnx, numpy; no torch, nothing of the project).
 """
 import argparse
 import json
@@ -68,11 +69,12 @@ def main(argv=None):
     engines, feeds, shapes = {}, {}, {}
     for name, path in args.files:
         start = time.time()
+        print(f"compiling {name}", flush=True)           # names the graph if the compiler crashes
         shapes[name] = input_shape(path, args.batch) if given is None else list(given.shape)
         engines[name] = compile_model(path, batch_size=shapes[name][0], num_cores=args.threads)
         feeds[name] = [rng.standard_normal(shapes[name], dtype=np.float32) if given is None else given]
         engines[name].run(feeds[name])                       # warm-up outside the caller's clock
-        print(f"deepsparse: {name} compiled in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        print(f"compiled {name} {time.time() - start:.1f}", flush=True)
     if args.reps:
         times = {name: [] for name in engines}
         for _ in range(args.reps):
