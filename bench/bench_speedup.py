@@ -421,21 +421,23 @@ def whole_table(times, reductions, notes, runtimes, failures=None):
     over the fastest dense runtime; one line per pruned row with its fast form against that runtime.
     `failures[(row, runtime)]` says why a cell has no time."""
     failures = failures or {}
-    dense = {rt: times[('dense', rt)] for rt in runtimes if ('dense', rt) in times}
-    if not dense:
-        raise ValueError("no dense runtime was timed: nothing to compare against")
-    fastest = min(dense, key=dense.get)
-    base = dense[fastest]
-    rows = []
-    for row in reductions:
-        cells = [row, f"{reductions[row]:.2f}x"]
-        for rt in runtimes:
-            t = times.get((row, rt))
-            cell = failures.get((row, rt), '') if t is None else f"{t * 1e3:.0f} ({base / t:.2f}x)"
-            cells.append(f"**{cell}**" if (row, rt) == ('dense', fastest) else cell)
-        rows.append(cells + [notes.get(row, '')])
-    head = ['model', 'FLOPs reduction'] + [f"{TITLES[rt]} ms" for rt in runtimes] + ['note']
     name = {rt: TITLES[rt].split(' (')[0] for rt in runtimes}
+    dense = {rt: times[('dense', rt)] for rt in runtimes if ('dense', rt) in times}
+    fastest = min(dense, key=dense.get) if dense else None
+    base = dense.get(fastest)
+
+    def cell(row, rt):
+        t = times.get((row, rt))
+        if t is None:
+            return failures.get((row, rt), '')
+        text = f"{t * 1e3:.0f}" + (f" ({base / t:.2f}x)" if base else '')
+        return f"**{text}**" if (row, rt) == ('dense', fastest) else text
+
+    rows = [[row, f"{reductions[row]:.2f}x"] + [cell(row, rt) for rt in runtimes] + [notes.get(row, '')]
+            for row in reductions]
+    head = ['model', 'FLOPs reduction'] + [f"{TITLES[rt]} ms" for rt in runtimes] + ['note']
+    if not base:
+        return markdown(head, rows), ["no dense runtime was timed: no ratios"]
     lines = [f"fastest dense runtime: {name[fastest]}, {base * 1e3:.0f} ms"]
     for row in reductions:
         t = times.get((row, 'torch'))
@@ -554,7 +556,7 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
             release(model)
     table, lines = whole_table(times, reductions, notes, runtimes, failures)
     check = (f"largest output difference from PyTorch's on the same graph: {worst[0]:.1e} of the largest logit"
-             + (f" ({worst[1]}, {TITLES[worst[2]]})" if worst[1] else ''))
+             + (f" ({worst[1]}, {TITLES[worst[2]].split(' (')[0]})" if worst[1] else ''))
     if worst[0] > 1e-3:
         check = '**WARNING** ' + check
     tables.append(table + '\n\n' + '\n'.join(f"- {line}" for line in lines + [check]))
