@@ -605,7 +605,8 @@ def profiles_by_arch(archs, names):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     g = p.add_argument_group('what to measure')
-    g.add_argument('--arch', nargs='+', default=['c3d', 'r2+1d'], choices=sorted(PROFILES))
+    g.add_argument('--arch', nargs='+', default=['c3d', 'r2+1d'], choices=sorted(PROFILES),
+                   help='architectures, built with random weights (default: c3d r2+1d)')
     g.add_argument('--config-file', '--profiles', dest='profiles', nargs='+',
                    help="profiles (names in profiles/ or paths); default: "
                         + ', '.join(f'{a} {PROFILES[a][0]}[_all-convs]' for a in PROFILES))
@@ -624,7 +625,7 @@ def main(argv=None):
                    help="Python of a venv with deepsparse 1.8 (docs/benchmarks.md); default $DEEPSPARSE_PYTHON")
     g.add_argument('--onnx', action='store_true',
                    help='also the KGS fast forms exported to ONNX (their portable form) in the ONNX runtimes')
-    g.add_argument('--batch', nargs='+', type=int, default=[1])
+    g.add_argument('--batch', nargs='+', type=int, default=[1], help='clips per inference (default 1)')
     g.add_argument('--threads', nargs='+', type=int, default=[2],
                    help='threads of every runtime (0: all cores, torch default)')
     g.add_argument('--reps', type=int, default=5, help='interleaved repeats per measurement (median)')
