@@ -7,7 +7,8 @@ the `_all-convs` and `_uniform` ones; docs/profiles.md), a randomly initialised 
 the profile's architecture is hard-pruned with the profile under each sparsity type and saved
 both ways: `torch.save` of the state dict (dense) and `save_compact`. kgc cannot group a
 single kernel position, so under kgc the profile's 1x1x1 convs stay dense. Prints a Markdown
-table of sizes in MB (10^6 bytes).
+table of sizes in MB (10^6 bytes); a profile a type cannot take (kgr above (gM - 1) / gM, e.g.
+r2+1d-pretrained_3.20x's 0.9 at gM = 8) gets `-` and the reason below the table.
 """
 import argparse
 import glob
@@ -46,6 +47,7 @@ def main():
 
     print('| profile | dense | ' + ' | '.join(f'compact, {t}' for t in args.types) + ' |')
     print('|---|---|' + '---|' * len(args.types))
+    refused = []
     with tempfile.TemporaryDirectory() as tmp:
         for profile in args.profiles:
             torch.manual_seed(0)
@@ -59,10 +61,17 @@ def main():
                 ratios = admm.load_profile(profile, model)
                 if kind == 'kgc':
                     ratios = {n: r for n, r in ratios.items() if math.prod(params[n].shape[2:]) > 1}
-                admm.hard_prune(model, ratios, kind)
+                try:
+                    admm.hard_prune(model, ratios, kind)        # checks every ratio before touching a weight
+                except ValueError as exc:
+                    refused.append(f'{profile}, {kind}: {exc}')
+                    cells.append(None)
+                    continue
                 save_compact(model.state_dict(), os.path.join(tmp, 'compact.pt'), kind)
                 cells.append(os.path.getsize(os.path.join(tmp, 'compact.pt')) / 1e6)
-            print(f'| {profile} | ' + ' | '.join(f'{c:.1f}' for c in cells) + ' |', flush=True)
+            print(f'| {profile} | ' + ' | '.join('-' if c is None else f'{c:.1f}' for c in cells) + ' |', flush=True)
+    for line in refused:
+        print(f'\n- {line}')
 
 
 if __name__ == '__main__':
