@@ -119,7 +119,8 @@ def format_table(report):
 # ----------------------------------------------------------------------------- target profiles
 
 def seed_layers(model, sparsity_type='blk-kgs'):
-    """The weights the original's profiles prune: every conv weight but the first; no linear layer.
+    """The weights a generated profile prunes by default: every conv weight but the first, no linear
+    layer (our `*_all-convs` profiles; the original's prune a few middle layers, docs/profiles.md).
     For kgc, 1x1x1 convs are left out too (a single kernel position cannot be grouped by position)."""
     convs = [(strip_module_prefix(n), p) for n, p in model.named_parameters() if p.dim() >= 3]
     return [n for n, p in convs[1:] if sparsity_type != 'kgc' or math.prod(p.shape[2:]) > 1]
@@ -342,7 +343,7 @@ def parse_args(argv=None):
     g.add_argument('--rule', default='uniform', choices=['uniform', 'flops'],
                    help='uniform: one ratio for all layers; flops: ratios grow with the layer\'s MACs')
     g.add_argument('--layers', help='regular expression of the weights to prune '
-                   '(default: every conv weight but the first, as the original\'s profiles)')
+                   '(default: every conv weight but the first, as our *_all-convs profiles)')
     g.add_argument('--max-ratio', type=float, default=0.95, help='largest ratio any layer may get')
     g.add_argument('--seed', type=int, default=0, help='initialisation seed of the weights projected')
     g = p.add_argument_group('pictures')

@@ -1,9 +1,14 @@
 """The original's command lines, defaults and schedules (ORIGINAL_CLI.md), rule by rule."""
+import json
 import math
+import os
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import admm
 from options import get_parser, parse_args
@@ -48,6 +53,87 @@ def test_the_originals_commands_parse(command):
         assert args.smooth_eps == 0.1
     if '--epoch ' in command:
         assert args.epochs == int(command.split('--epoch ')[1].split()[0])
+
+
+# The original's recipe scripts' settings (ORIGINAL_PROFILES.md, "recipe scripts"), written out:
+# arch, profile, --rho-num, ADMM epochs, retraining epochs.
+RECIPE_SCRIPTS = {
+    'blk-kgs_c3d.sh': ('c3d', 'c3d_2.53x_v2', 4, 1, 1),
+    'blk-kgs_r2+1d.sh': ('r2+1d-pretrained', 'r2+1d-pretrained_2.56x', 4, 50, 130),
+    'blk-kgs_s3d.sh': ('s3d', 's3d_2.09x', 1, 1, 1),
+}
+# Each script's two command lines (ADMM, retraining) in ORIGINAL_COMMANDS.
+SCRIPT_COMMANDS = {'blk-kgs_c3d.sh': ORIGINAL_COMMANDS[2:4], 'blk-kgs_r2+1d.sh': ORIGINAL_COMMANDS[4:6],
+                   'blk-kgs_s3d.sh': ORIGINAL_COMMANDS[6:8]}
+# Where ours differs from the original's command lines, by design: the data folder is an environment
+# variable, --multi-gpu is one of the extra options, and the teacher is the baseline opt_main.py finds
+# (the original's download in checkpoint/ when it is there) unless TEACHER names one.
+NOT_COMPARED = {'data_location', 'multi_gpu', 'teacher_path', 'notes'}
+
+
+def recorded_calls(tmp_path, script, *extra, **env):
+    """The opt_main.py command lines a script runs, recorded by a stand-in for the interpreter."""
+    record = tmp_path / 'calls.jsonl'
+    stub = tmp_path / 'python'
+    stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"with open({str(record)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    stub.chmod(0o755)
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ('CONFIG', 'EPOCHS', 'ADMM_EPOCHS', 'RETRAIN_EPOCHS', 'TEACHER', 'DATA', 'DATASET')}
+    out = subprocess.run(['bash', os.path.join(ROOT, 'scripts', script), *extra], capture_output=True, text=True,
+                         env={**environ, 'PYTHON': str(stub), **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert all(call[0] == 'opt_main.py' for call in calls)
+    return [call[1:] for call in calls]
+
+
+@pytest.mark.parametrize('script', sorted(RECIPE_SCRIPTS))
+def test_recipe_scripts_run_the_originals_settings(tmp_path, script):
+    arch, profile, rho_num, admm_epochs, retrain_epochs = RECIPE_SCRIPTS[script]
+    admm_run, retrain = calls = recorded_calls(tmp_path, script)
+    assert len(calls) == 2
+    for argv, phase, epochs in ((admm_run, 'admm', admm_epochs), (retrain, 'masked_retrain', retrain_epochs)):
+        args = parse_args(argv)
+        assert (args.phase, args.arch, args.dataset, args.config_file, args.sparsity_type) == \
+            (phase, arch, 'ucf101', [profile], ['blk-kgs'])
+        assert (args.connectivity_block_size, args.rho, args.rho_num, args.epochs) == ([8, 4], 1e-4, rho_num, epochs)
+        assert (args.lr, args.optmzr, args.log_interval) == (5e-4, 'sgd', 50)
+    # Label smoothing in the ADMM run only; the retraining run's switches.
+    assert '--smooth' in admm_run and parse_args(admm_run).smooth_eps == 0.1
+    assert not any(a.startswith('--smooth') for a in retrain) and parse_args(retrain).smooth_eps == 0
+    args = parse_args(retrain)
+    assert args.combine_progressive and args.warmup and args.distill and args.teacharch == arch
+    assert (args.warmup_lr, args.lr_scheduler) == (1e-5, 'cosine')
+    assert not any(a in admm_run for a in ('--combine-progressive', '--warmup', '--distill', '--lr-scheduler'))
+
+
+@pytest.mark.parametrize('script', sorted(RECIPE_SCRIPTS))
+def test_recipe_scripts_parse_like_the_originals_command_lines(tmp_path, script):
+    for ours, original in zip(recorded_calls(tmp_path, script), SCRIPT_COMMANDS[script], strict=True):
+        assert f'--sparsity-type blk-kgs --config-file {RECIPE_SCRIPTS[script][1]} ' in original
+        a, b = vars(parse_args(ours)), vars(parse_args(shlex.split(original)))
+        differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)} - NOT_COMPARED
+        assert not differ, {k: (a.get(k), b.get(k)) for k in differ}
+
+
+def test_recipe_scripts_take_the_paper_length_epochs_and_more_options(tmp_path):
+    admm_run, retrain = recorded_calls(tmp_path, 'blk-kgs_c3d.sh', '--multi-gpu', '--rho-num', '2',
+                                       ADMM_EPOCHS='50', RETRAIN_EPOCHS='130', CONFIG='c3d_3.57x',
+                                       TEACHER='checkpoint/t.pt', DATA='/data/UCF101')
+    a, r = parse_args(admm_run), parse_args(retrain)
+    assert (a.epochs, r.epochs) == (50, 130)
+    for args in (a, r):
+        assert args.multi_gpu and args.rho_num == 2 and args.config_file == ['c3d_3.57x']
+        assert args.data_location == '/data/UCF101'
+    assert r.teacher_path == 'checkpoint/t.pt' and a.teacher_path is None
+
+
+def test_blk_vanilla_is_ours_with_the_c3d_recipe(tmp_path):
+    admm_run, retrain = recorded_calls(tmp_path, 'blk-vanilla_c3d.sh')
+    a, r = parse_args(admm_run), parse_args(retrain)
+    assert a.sparsity_type == r.sparsity_type == ['blk-vanilla'] and (a.epochs, r.epochs) == (50, 50)
+    assert a.config_file == ['c3d_2.53x_v2'] and a.rho_num == 4 and a.smooth_eps == 0.1 and r.smooth_eps == 0
 
 
 def test_every_spelling_of_the_original_is_accepted_with_its_meaning():
