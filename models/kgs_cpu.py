@@ -42,21 +42,30 @@ def isa():
     return {'AVX512': 'avx512', 'AVX2': 'avx2'}.get(capability, 'portable')
 
 
+def _disabled():
+    return os.environ.get('RT3D_NO_COMPILED_KGS', '').strip() not in ('', '0')
+
+
 def _load():
     """The compiled extension, building it on first use; None (and the reason kept) if it cannot be had."""
+    if _disabled():
+        return None
     if 'module' in _state or 'error' in _state:
         return _state.get('module')
     with _build_lock:
         if 'module' in _state or 'error' in _state:
             return _state.get('module')
-        if os.environ.get('RT3D_NO_COMPILED_KGS', '').strip() not in ('', '0'):
-            _state['error'] = 'disabled by the environment variable RT3D_NO_COMPILED_KGS'
-            return None
         try:
             target = isa()
             with open(SOURCE, 'rb') as f:
                 digest = hashlib.sha256(f.read() + ' '.join(FLAGS[target]).encode()).hexdigest()[:12]
-            from torch.utils import cpp_extension
+            quiet = logging.getLogger('torch.utils.cpp_extension')      # its import warns about CUDA_HOME
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                quiet.setLevel(level)
             start = time.perf_counter()
             module = cpp_extension.load(name=f'rt3d_kgs_cpu_{target}_{digest}', sources=[SOURCE],
                                         extra_cflags=['-O3', *FLAGS[target]], verbose=False)
@@ -65,10 +74,19 @@ def _load():
                 log.info(f"compiled KGS kernel ({target}) built in {seconds:.0f} s")
             _state['module'] = module
         except Exception as exc:          # no compiler, no ninja, a failed build: the torch path runs instead
-            text = str(exc).strip().splitlines()
-            _state['error'] = f"the C++ extension could not be built ({type(exc).__name__}: " \
-                              f"{text[-1] if text else exc})"
+            log.debug(f"building {SOURCE} failed:\n{exc}")
+            _state['error'] = f"the C++ extension could not be built: {_first_error(exc)}"
     return _state.get('module')
+
+
+def _first_error(exc):
+    """The line of a build failure that says what went wrong (the compiler's first error), not ninja's last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marks in (('error:', 'fatal error'), ('not found', 'no such file', 'required', 'error')):
+        found = [line for line in lines if any(m in line.lower() for m in marks)]
+        if found:
+            return found[0][:300]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def available():
@@ -78,8 +96,18 @@ def available():
 
 def why_unavailable():
     """Why the compiled kernel cannot run (no compiler, build failed, disabled), or None if it can."""
+    if _disabled():
+        return 'disabled by the environment variable RT3D_NO_COMPILED_KGS'
     _load()
     return _state.get('error')
+
+
+def log_unavailable_once():
+    """One log line per process saying why the compiled kernel cannot run (its callers then use torch ops)."""
+    if not _state.get('logged'):
+        _state['logged'] = True
+        log.warning(f"compiled KGS kernel not available ({why_unavailable()}): KGS layers run as KGSConv3d "
+                    f"(torch ops)")
 
 
 def fma_peak_gmacs(threads=None):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import build_model
-from .sparse_conv import KGSConv3d, _triple, sparse_exec
+from .sparse_conv import CompiledKGSConv3d, KGSConv3d, _triple, sparse_exec
 
 FORMAT = 'rt3d-model'
 VERSION = 1
@@ -330,10 +330,11 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
 
     `sparsity_type` is the pruning's type, or the list of them (several profiles at once). With
     `filter` among them, a slim copy (`slim_model`); with a block type among them, pruned convs of the
-    (slim) model swapped in place for KGSConv3d where that is faster (`sparse_exec` with block rows of
-    `block_size[0]` filters, measured on `example_input` if given). `report`: `{'slim': {layer:
-    {'channels', 'kept'}}, 'kgs': {conv: {'path', 'density', 'estimated_speedup', 'measured_speedup',
-    'reason'}}}`, each empty when not done.
+    (slim) model swapped in place for the compiled KGS kernel (or KGSConv3d where it cannot be built)
+    where that is faster (`sparse_exec` with block rows of `block_size[0]` filters, measured on
+    `example_input` if given). `report`: `{'slim': {layer: {'channels', 'kept'}}, 'kgs': {conv: {'path'
+    ('compiled', 'kgs' or 'dense'), 'density', 'estimated_speedup', 'measured_speedup', 'reason'}}}`,
+    each empty when not done.
     """
     types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
     report = {'slim': {}, 'kgs': {}}
@@ -359,7 +360,7 @@ def macs(model, clip_shape):
 # ----------------------------------------------------------------------------- files
 
 _CLASSES = {'Conv3d': nn.Conv3d, 'SlimConv3d': SlimConv3d, 'Linear': nn.Linear, 'BatchNorm3d': nn.BatchNorm3d,
-            'BatchNormExpand': BatchNormExpand, 'KGSConv3d': KGSConv3d}
+            'BatchNormExpand': BatchNormExpand, 'KGSConv3d': KGSConv3d, 'CompiledKGSConv3d': CompiledKGSConv3d}
 
 
 def _spec(module):
