@@ -110,13 +110,16 @@ def log_unavailable_once():
                     f"(torch ops)")
 
 
-def fma_peak_gmacs(threads=None):
-    """Measured FMA peak of this CPU in GMAC/s: a register-only FMA loop on `threads` threads (default
-    torch.get_num_threads()), best of three; cached per thread count."""
+def fma_peak_gmacs(threads=None, cached=True):
+    """Measured FMA peak of this CPU in GMAC/s: a register-only FMA loop (about 10 ms) on `threads`
+    threads (default torch.get_num_threads()), best of three; cached per thread count unless not `cached`
+    (then one run, for benchmarks that measure it between their own runs on a busy machine)."""
     module = _load()
     if module is None:
         raise RuntimeError(f"fma_peak_gmacs needs the compiled kernel: {why_unavailable()}")
     threads = int(threads or torch.get_num_threads())
+    if not cached:
+        return module.fma_peak_gmacs(threads, 1)
     if threads not in _peaks:
         _peaks[threads] = module.fma_peak_gmacs(threads, 3)
     return _peaks[threads]

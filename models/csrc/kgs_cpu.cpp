@@ -13,10 +13,11 @@
 // floats, whatever the stride or dilation. A vector never crosses an output row; a row narrower
 // than a vector (C3D's conv5 is 7 wide) or a row's last vector ends in a partial store.
 //
-// Cache blocking: a work item is one block row over a range of output rows. Its kept columns are
-// taken in chunks spanning few enough input channels that their rows of input stay in L2 while
-// every tile of the range runs over the chunk; partial sums stay in the output (in L2 too) between
-// chunks. Threads take work items from a shared counter in order of output rows.
+// Cache blocking: a work item is a few block rows over a range of output rows. The input channels
+// are taken in chunks small enough that their rows of input for the range stay in L2 while each
+// block row of the item runs its kept columns of the chunk over every tile of the range; partial
+// sums stay in the output (in L2 too) between chunks. Threads take work items from a shared
+// counter in order of output rows, so that they read the same input, from L3 at worst.
 //
 // The instruction set is chosen when this file is compiled (models/kgs_cpu.py passes -mavx2 -mfma
 // or -mavx512f from the CPU's flags at run time); without either, portable C++ that the compiler
@@ -195,11 +196,14 @@ const std::array<TileFn, NV_MAX + 1> kTiles[MR_MAX + 1] = {
     tile_table<4>(std::make_integer_sequence<int, NV_MAX>{}),
 };
 
-// Cache blocking, in bytes per core: the output block of a work item (its block row's filters
-// over its output rows) and the input rows one chunk of columns reads for it both stay in L2
-// (512 KiB on AMD Zen 3, 1-2 MiB on recent Intel). Measured on C3D's layers; flat around these.
-constexpr int64_t kOutputBudget = 48 << 10;
+// Cache blocking, in bytes per core (L2: 512 KiB on AMD Zen 3, 1-2 MiB on recent Intel): a work
+// item's output block (its block rows' filters over its output rows) and the input rows one chunk
+// of channels contributes to it both stay in L2; one block row's part of an output row range is
+// about kRowBudget. Measured on C3D's layers; flat around these.
+constexpr int64_t kRowBudget = 32 << 10;
+constexpr int64_t kOutputBudget = 128 << 10;
 constexpr int64_t kInputBudget = 256 << 10;
+constexpr int64_t kItemsPerThread = 4;   // enough work items for the threads to balance
 
 // --------------------------------------------------------------------------------- the kernel
 
@@ -207,10 +211,12 @@ struct Plan {
   int64_t out[3];               // T', H', W'
   int64_t tp, hp, wq, phases;   // padded input: T, H, columns per phase, phases (= W stride)
   int64_t rows, rows_per_item;  // output rows (N * T' * H') and rows per work item
-  at::Tensor padded;         // (N, C, Tp, Hp, phases, Wq) + slack, zero borders written once
-  std::vector<int64_t> offsets;                 // per packed column: its offset into the padded input
-  std::vector<std::vector<int64_t>> chunks;     // per block row: column chunk bounds (first, ..., last)
-  std::vector<std::pair<int64_t, int64_t>> items;   // (block row, first output row), by output rows
+  int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
+  int64_t chunks;               // chunks of input channels
+  at::Tensor padded;            // (N, C, Tp, Hp, phases, Wq) + slack, zero borders written once
+  std::vector<int64_t> offsets;       // per packed column: its offset into the padded input
+  std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
+  std::vector<std::pair<int64_t, int64_t>> items;   // (first block row, first output row), by output rows
 };
 
 class KGSKernel {
@@ -320,40 +326,42 @@ class KGSKernel {
       p.offsets[u] = c * channel + kt * dilation_[0] * plane + kh * dilation_[1] * row + (w % p.phases) * p.wq +
                      w / p.phases;
     }
-    // Output rows per work item: the block row's outputs fit kOutputBudget; items of even size.
+    // Work items: a range of output rows (one block row's part about kRowBudget) times a group of
+    // block rows (together about kOutputBudget), fewer rows and block rows while the threads would
+    // get fewer than kItemsPerThread items each; items of even size.
     const int64_t vectors = (p.out[2] + VL - 1) / VL;
+    const int64_t row_bytes = groups_ * mr_ * vectors * VL * 4;      // one block row, one output row
+    const int64_t rows = static_cast<int64_t>(row_start_.size()) - 1;
+    const int64_t wanted = kItemsPerThread * std::max(1, at::get_num_threads());
     p.rows = n * p.out[0] * p.out[1];
-    p.rows_per_item = std::max<int64_t>(1, kOutputBudget / (groups_ * mr_ * vectors * VL * 4));
-    p.rows_per_item = std::min(p.rows_per_item, p.rows);
-    const int64_t per_item = (p.rows + p.rows_per_item - 1) / p.rows_per_item;
-    p.rows_per_item = (p.rows + per_item - 1) / per_item;
+    p.rows_per_item = std::clamp<int64_t>(kRowBudget / row_bytes, 1, p.rows);
+    p.block_rows_per_item = std::clamp<int64_t>(kOutputBudget / (p.rows_per_item * row_bytes), 1, rows);
+    auto count = [&](int64_t a, int64_t b) { return ((p.rows + a - 1) / a) * ((rows + b - 1) / b); };
+    while (p.block_rows_per_item > 1 && count(p.rows_per_item, p.block_rows_per_item) < wanted)
+      p.block_rows_per_item = (p.block_rows_per_item + 1) / 2;
+    while (p.rows_per_item > 1 && count(p.rows_per_item, p.block_rows_per_item) < wanted)
+      p.rows_per_item = (p.rows_per_item + 1) / 2;
+    p.rows_per_item = (p.rows + (p.rows + p.rows_per_item - 1) / p.rows_per_item - 1) /
+                      ((p.rows + p.rows_per_item - 1) / p.rows_per_item);
     // The input one channel contributes to an item: its output rows widened by the kernel's reach.
     const int64_t item_t = (p.rows_per_item + p.out[1] - 1) / p.out[1] + 1;
     const int64_t span = std::min(channel, (item_t - 1) * stride_[0] * plane + (kernel_[0] - 1) * dilation_[0] * plane +
                                                std::min(p.rows_per_item, p.out[1]) * stride_[1] * row +
                                                (kernel_[1] - 1) * dilation_[1] * row + row);
     const int64_t channels_per_chunk = std::max<int64_t>(1, kInputBudget / (span * 4));
-    const int64_t rows = static_cast<int64_t>(row_start_.size()) - 1;
-    p.chunks.resize(rows);
+    p.chunks = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
+    p.chunk_start.resize(rows * (p.chunks + 1));
     for (int64_t r = 0; r < rows; ++r) {
-      auto& bounds = p.chunks[r];
-      bounds.push_back(row_start_[r]);
-      int64_t first_channel = -1;
-      for (int64_t u = row_start_[r]; u < row_start_[r + 1]; ++u) {
-        const int64_t c = columns_[u] / k;
-        if (first_channel < 0) first_channel = c;
-        if (c - first_channel >= channels_per_chunk) {
-          bounds.push_back(u);
-          first_channel = c;
-        }
-      }
-      if (row_start_[r + 1] > row_start_[r]) bounds.push_back(row_start_[r + 1]);
+      const int64_t* first = columns_.data() + row_start_[r];
+      const int64_t* last = columns_.data() + row_start_[r + 1];
+      for (int64_t c = 0; c <= p.chunks; ++c)     // columns are sorted by channel, then kernel offset
+        p.chunk_start[r * (p.chunks + 1) + c] =
+            std::lower_bound(first, last, std::min(c * channels_per_chunk, in_channels_) * k) - columns_.data();
     }
-    // Items in order of output rows: the threads work through the same rows of input (in L3),
-    // every block row reading them while they are there (block row by block row, the whole input
-    // would stream from memory once per block row).
+    // Items in order of output rows: the threads work through the same rows of input (in L3);
+    // block row after block row, the whole input would stream from memory once per block row.
     for (int64_t first = 0; first < p.rows; first += p.rows_per_item)
-      for (int64_t r = 0; r < rows; ++r) p.items.emplace_back(r, first);
+      for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.emplace_back(r, first);
     return plans_.emplace(shape, std::move(p)).first->second;
   }
 
@@ -395,7 +403,7 @@ class KGSKernel {
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<Tile> tiles;
       for (int64_t i = next++; i < items; i = next++) {
-        const auto [r, first_row] = p.items[i];
+        const auto [r0, first_row] = p.items[i];
         const int64_t last_row = std::min(p.rows, first_row + p.rows_per_item);
         // The tiles of this item: its rows' vectors, NV at a time (a tile may span rows).
         tiles.clear();
@@ -415,33 +423,38 @@ class KGSKernel {
           }
         }
         if (t.count) tiles.push_back(t);
-        const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
-        const auto& bounds = p.chunks[r];
-        for (int64_t g = 0; g < groups_; ++g) {
-          const int64_t f = r * gm_ + g * mr_;
-          const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
-          if (filters <= 0) continue;
-          float* yg = y + f * volume;
-          const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
-          if (width == 0) {          // a block row that keeps nothing: its outputs are the bias
+        const int64_t last_block_row = std::min<int64_t>(row_start_.size() - 1, r0 + p.block_rows_per_item);
+        for (int64_t r = r0; r < last_block_row; ++r) {
+          if (row_start_[r + 1] > row_start_[r]) continue;
+          for (int64_t g = 0; g < groups_; ++g) {     // a block row that keeps nothing: its outputs are the bias
+            const int64_t f = r * gm_ + g * mr_;
+            const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
+            if (filters <= 0) continue;
+            const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
             for (const Tile& tile : tiles)
-              kTiles[mr_][tile.count](x, nullptr, 0, nullptr, tile, yg, volume, filters, true, bias, nullptr);
+              kTiles[mr_][tile.count](x, nullptr, 0, nullptr, tile, y + f * volume, volume, filters, true, bias,
+                                      nullptr);
           }
         }
-        if (width == 0) continue;
-        for (size_t c = 0; c + 1 < bounds.size(); ++c) {
-          const int64_t a = bounds[c], b = bounds[c + 1];
-          for (size_t ti = 0; ti < tiles.size(); ++ti) {
-            const Tile& tile = tiles[ti];
-            const Tile* next = ti + 1 < tiles.size() ? &tiles[ti + 1] : nullptr;
-            for (int64_t g = 0; g < groups_; ++g) {
-              const int64_t f = r * gm_ + g * mr_;
-              const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
-              if (filters <= 0) continue;
-              const float* wg = weights_.data() + u0 * groups_ * mr_ + (g * width + (a - u0)) * mr_;
-              const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
-              kTiles[mr_][tile.count](x, p.offsets.data() + a, b - a, wg, tile, y + f * volume, volume, filters,
-                                      c == 0, bias, g == 0 ? next : nullptr);
+        // Chunk by chunk of input channels, every block row of the item runs its columns there.
+        for (int64_t c = 0; c < p.chunks; ++c) {
+          for (int64_t r = r0; r < last_block_row; ++r) {
+            const int64_t a = p.chunk_start[r * (p.chunks + 1) + c], b = p.chunk_start[r * (p.chunks + 1) + c + 1];
+            if (a == b) continue;
+            const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
+            const bool first = a == u0;            // the block row's first chunk with columns writes, not adds
+            for (size_t ti = 0; ti < tiles.size(); ++ti) {
+              const Tile& tile = tiles[ti];
+              const Tile* next = ti + 1 < tiles.size() ? &tiles[ti + 1] : nullptr;
+              for (int64_t g = 0; g < groups_; ++g) {
+                const int64_t f = r * gm_ + g * mr_;
+                const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
+                if (filters <= 0) continue;
+                const float* wg = weights_.data() + u0 * groups_ * mr_ + (g * width + (a - u0)) * mr_;
+                const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
+                kTiles[mr_][tile.count](x, p.offsets.data() + a, b - a, wg, tile, y + f * volume, volume, filters,
+                                        first, bias, g == 0 ? next : nullptr);
+              }
             }
           }
         }
