@@ -143,3 +143,13 @@ def pack(weight, block_rows, bias=None, stride=1, padding=0, dilation=1):
 def conv(x, kernel):
     """The convolution of `x` (N, I, T, H, W), float32 on the CPU, by a kernel from `pack`."""
     return kernel.forward(x)
+
+
+def max_pool3d(x, kernel_size, stride=None, padding=0, dilation=1):
+    """`F.max_pool3d(x, ...)` (floor mode, no indices) of a float32 CPU input, by the compiled kernel."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the compiled kernel is not available: {why_unavailable()}")
+    kernel_size = _triple(kernel_size)
+    stride = kernel_size if stride is None else _triple(stride)
+    return module.max_pool3d(x, kernel_size, stride, _triple(padding), _triple(dilation))

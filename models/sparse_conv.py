@@ -365,6 +365,19 @@ class CompiledKGSConv3d(KGSConv3d):
         return state
 
 
+class CompiledMaxPool3d(nn.MaxPool3d):
+    """An nn.MaxPool3d computed on the CPU by the compiled kernel, which skips the indices PyTorch's CPU
+    max_pool3d computes even for inference (C3D's pool1 takes it longer than the compiled conv1);
+    elsewhere, with gradients, indices or ceil mode, it runs as nn.MaxPool3d."""
+
+    def forward(self, x):
+        if (self.return_indices or self.ceil_mode or x.device.type != 'cpu' or x.dtype != torch.float32
+                or x.dim() != 5 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (x.requires_grad and torch.is_grad_enabled()) or not kgs_cpu.available()):
+            return super().forward(x)
+        return kgs_cpu.max_pool3d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def check_convertible(conv):

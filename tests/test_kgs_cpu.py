@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import admm
 from models import build_model, kgs_cpu
 from models.slim import faster_model, load_model, save_model
-from models.sparse_conv import CompiledKGSConv3d, KGSConv3d, sparse_exec
+from models.sparse_conv import CompiledKGSConv3d, CompiledMaxPool3d, KGSConv3d, sparse_exec
 
 needs_kernel = pytest.mark.skipif(not kgs_cpu.available(), reason=f"no compiled kernel: {kgs_cpu.why_unavailable()}")
 
@@ -149,6 +149,31 @@ def test_fma_peak_is_measured_and_cached():
     assert kgs_cpu.fma_peak_gmacs() == kgs_cpu.fma_peak_gmacs(torch.get_num_threads())
 
 
+POOLS = {   # kernel, stride, padding, input: C3D's pools (pool5 padded), S3D's, and odd sizes
+    'c3d pool1 (1,2,2)': ((1, 2, 2), (1, 2, 2), 0, (1, 4, 3, 10, 12)),
+    'c3d pool2 2': (2, 2, 0, (2, 5, 5, 9, 9)),
+    'c3d pool5 2, padding (0,1,1)': (2, 2, (0, 1, 1), (1, 8, 2, 7, 7)),
+    's3d pool1 (1,3,3) stride (1,2,2)': ((1, 3, 3), (1, 2, 2), (0, 1, 1), (2, 5, 4, 15, 16)),
+    's3d branch4 3, stride 1, padding 1': (3, 1, 1, (1, 6, 4, 5, 5)),
+    's3d pool4 2, stride (1,2,2)': (2, (1, 2, 2), 0, (1, 4, 4, 8, 8)),
+    'one row, padded all round': (3, 1, 1, (1, 2, 3, 1, 5)),
+    'padding in T and W only': (3, 1, (1, 0, 1), (1, 2, 3, 4, 5)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize('pool', POOLS, ids=list(POOLS))
+def test_compiled_max_pool_equals_pytorch_s_nan_included(pool, threads):
+    kernel, stride, padding, shape = POOLS[pool]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x.view(-1)[::37] = float('nan')                    # a NaN in a window wins, as in PyTorch
+    x.view(-1)[5::41] = float('-inf')
+    y, ref = kgs_cpu.max_pool3d(x, kernel, stride, padding), F.max_pool3d(x, kernel, stride, padding)
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())
+    assert torch.equal(y.nan_to_num(0.5), ref.nan_to_num(0.5))
+
+
 # ----------------------------------------------------------------------------- the module in models
 
 def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):
@@ -189,26 +214,51 @@ def test_compiled_module_with_gradients_or_copies_runs_as_kgsconv3d():
     assert meta(torch.empty(2, 8, 3, 9, 9, device='meta')).shape == (2, 12, 3, 5, 5)
 
 
+def trained_looking(model):
+    """Non-zero biases and BatchNorm statistics, as after training (so folding BatchNorms changes weights)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.5)
+            elif isinstance(m, nn.Conv3d) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+ARCHS = {'c3d': ((1, 3, 16, 32, 32), 'c3d_3.57x', {'crop_size': 32}),
+         'r2+1d': ((2, 3, 8, 32, 32), 'r2+1d-pretrained_3.20x', {}),
+         's3d': ((1, 3, 4, 32, 32), 's3d_2.09x', {})}
+
+
 @needs_kernel
-@pytest.mark.parametrize('arch, clip, profile', [
-    ('c3d', (1, 3, 16, 32, 32), 'c3d_3.57x'),
-    ('r2+1d', (2, 3, 8, 32, 32), 'r2+1d-pretrained_3.20x'),
-    ('s3d', (1, 3, 4, 32, 32), 's3d_2.09x'),
-])
-def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_outputs(arch, clip, profile):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_outputs(arch, tmp_path):
+    clip, profile, geometry = ARCHS[arch]
     torch.manual_seed(0)
-    model = build_model(arch, 5, **({'crop_size': 32} if arch == 'c3d' else {})).eval()
+    model = trained_looking(build_model(arch, 5, **geometry))
     ratios = admm.load_profile(profile, model)
     admm.hard_prune(model, ratios, 'blk-kgs', (8, 4))
     x = torch.randn(clip)
     with torch.no_grad():
         ref = model(x)
-        fast, report = faster_model(model, arch, 'blk-kgs', (8, 4))
+        fast, report = faster_model(copy.deepcopy(model), arch, 'blk-kgs', (8, 4))
         y = fast(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
     compiled = {n for n, row in report['kgs'].items() if row['path'] == 'compiled'}
     assert compiled and compiled <= {n[:-len('.weight')] for n in ratios}
     assert all(type(fast.get_submodule(n)) is CompiledKGSConv3d for n in compiled)
+    pools = [n for n, m in model.named_modules() if isinstance(m, nn.MaxPool3d)]
+    assert report['pools'] == pools and all(type(fast.get_submodule(n)) is CompiledMaxPool3d for n in pools)
+    batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)]
+    assert sorted(report['folded']) == sorted(batchnorms)      # each follows a conv in these three models
+    save_model(fast, tmp_path / 'fast.pt', arch, 5, **geometry)
+    loaded = load_model(tmp_path / 'fast.pt')
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
 
 
 @needs_kernel
@@ -278,6 +328,16 @@ def test_a_compiled_module_loaded_where_the_kernel_is_disabled_runs_the_torch_pa
     assert torch.equal(y, again)
     said = [r.getMessage() for r in caplog.records if 'not available' in r.getMessage()]
     assert len(said) == 1 and 'RT3D_NO_COMPILED_KGS' in said[0]        # once per process, not per call
+
+
+def test_compiled_pools_run_as_max_pool_where_the_kernel_is_disabled_or_gradients_flow(monkeypatch):
+    pool = CompiledMaxPool3d(2, 2, (0, 1, 1))
+    x = torch.randn(1, 4, 4, 7, 7, requires_grad=True)
+    y = pool(x)
+    assert y.grad_fn is not None and torch.equal(y, F.max_pool3d(x, 2, 2, (0, 1, 1)))
+    monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
+    with torch.no_grad():
+        assert torch.equal(pool(x), F.max_pool3d(x, 2, 2, (0, 1, 1)))
 
 
 def test_a_failed_build_is_reported_with_the_compiler_s_error(monkeypatch, tmp_path):

@@ -34,6 +34,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -472,6 +473,71 @@ class KGSKernel {
   std::mutex lock_;
 };
 
+// Max pooling without indices (PyTorch's CPU max_pool3d computes them even for inference, and spends
+// about ten times a pass over memory on C3D's pool1). Per output row: the max over the kernel's
+// (T, H) rows of input into one row (contiguous, vectorised), then the windows along W. NaN wins,
+// as in PyTorch. Padding only ever widens windows that hold at least one input element.
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 5 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "max_pool3d: (N, C, T, H, W) float32 CPU input expected, got ", x.sizes());
+  x = x.contiguous();
+  const int64_t nc = x.size(0) * x.size(1), size[3] = {x.size(2), x.size(3), x.size(4)};
+  int64_t out[3];
+  for (int d = 0; d < 3; ++d) {
+    out[d] = (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out[d] >= 1, "max_pool3d: input ", x.sizes(), " is smaller than the kernel");
+  }
+  auto y = at::empty({x.size(0), x.size(1), out[0], out[1], out[2]}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const int64_t w = size[2];
+  // The row buffer holds -inf in W's padding on both sides: windows need no bounds checks.
+  const int64_t pw = padding[2], width = std::max(w + 2 * pw, (out[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1);
+  const bool pairs = kernel[2] == 2 && stride[2] == 2 && dilation[2] == 1;
+  at::parallel_for(0, nc * out[0], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(width, -std::numeric_limits<float>::infinity());
+    float* line = buffer.data() + pw;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t plane = i / out[0], t = i % out[0];
+      for (int64_t h = 0; h < out[1]; ++h) {
+        bool any = false;
+        for (int64_t kt = 0; kt < kernel[0]; ++kt) {
+          const int64_t ti = t * stride[0] - padding[0] + kt * dilation[0];
+          if (ti < 0 || ti >= size[0]) continue;
+          for (int64_t kh = 0; kh < kernel[1]; ++kh) {
+            const int64_t hi = h * stride[1] - padding[1] + kh * dilation[1];
+            if (hi < 0 || hi >= size[1]) continue;
+            const float* in = src + ((plane * size[0] + ti) * size[1] + hi) * w;
+            if (!any) {
+              std::memcpy(line, in, w * sizeof(float));
+              any = true;
+            } else {
+              for (int64_t j = 0; j < w; ++j) line[j] = nan_max(line[j], in[j]);
+            }
+          }
+        }
+        if (!any) std::fill(line, line + w, -std::numeric_limits<float>::infinity());
+        float* o = dst + (i * out[1] + h) * out[2];
+        const float* first = buffer.data();
+        if (pairs) {               // C3D's pools: windows of 2 at stride 2, which the compiler vectorises
+          for (int64_t j = 0; j < out[2]; ++j) o[j] = nan_max(first[2 * j], first[2 * j + 1]);
+          continue;
+        }
+        for (int64_t j = 0; j < out[2]; ++j) {
+          const float* window = first + j * stride[2];
+          float m = window[0];
+          for (int64_t kw = 1; kw < kernel[2]; ++kw) m = nan_max(m, window[kw * dilation[2]]);
+          o[j] = m;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // Register-only FMA loop: 12 independent accumulators cover the FMA latency (4-5 cycles) at two
 // FMAs per cycle; returns GMAC/s over `threads` threads (best of `repeats`).
 double fma_peak_gmacs(int64_t threads, int64_t repeats) {
@@ -510,6 +576,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("lanes") = VL;
   m.def("fma_peak_gmacs", &fma_peak_gmacs, "measured FMA throughput, GMAC/s", py::arg("threads"),
         py::arg("repeats") = 3);
+  m.def("max_pool3d", &max_pool3d, "max pooling without indices", py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
   py::class_<KGSKernel>(m, "KGSKernel")
       .def(py::init<at::Tensor, std::optional<at::Tensor>, int64_t, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<int64_t>>(),
