@@ -369,6 +369,37 @@ def compile_pools(model):
     return [n for n, _ in pools]
 
 
+def fuse_relu(model):
+    """Make, in place, every nn.ReLU that follows a CompiledKGSConv3d in an nn.Sequential (BatchNorms
+    folded away, nested Sequentials ending in the conv included) part of that conv, the ReLU replaced by
+    nn.Identity: the kernel applies it as it stores its outputs, one pass over them fewer. ReLUs called
+    from a module's forward (C3D's, S3D's, R(2+1)D's after the residual sum) stay. Returns the ReLUs fused."""
+    def last(module):              # the module whose output a Sequential returns
+        while isinstance(module, nn.Sequential):
+            inner = [m for m in module if not isinstance(m, nn.Identity)]
+            if not inner:
+                return None
+            module = inner[-1]
+        return module
+
+    fused = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        before = None
+        for index, module in enumerate(seq):
+            if isinstance(module, nn.ReLU):
+                conv = last(before) if before is not None else None
+                if type(conv) is CompiledKGSConv3d and not conv.relu:
+                    conv.relu = True
+                    seq[index] = nn.Identity()
+                    fused.append(f'{name}.{index}' if name else str(index))
+                    continue
+            if not isinstance(module, nn.Identity):
+                before = module
+    return fused
+
+
 def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=None):
     """`(model, report)`: the fastest form this package has for a pruned model (eval mode, same outputs).
 
@@ -377,10 +408,11 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
     (slim) model swapped in place for the compiled KGS kernel (or KGSConv3d where it cannot be built)
     where that is faster (`sparse_exec` with block rows of `block_size[0]` filters, measured on
     `example_input` if given). Always, eval-mode BatchNorms folded into the convs before them
-    (`fold_batchnorm`) and, on the CPU with the compiled kernel, max pools compiled (`compile_pools`).
-    `report`: `{'slim': {layer: {'channels', 'kept'}}, 'kgs': {conv: {'path' ('compiled', 'kgs' or
-    'dense'), 'density', 'estimated_speedup', 'measured_speedup', 'reason'}}, 'folded': {batchnorm:
-    conv}, 'pools': [names]}`, each empty when not done.
+    (`fold_batchnorm`) and, on the CPU with the compiled kernel, max pools compiled (`compile_pools`)
+    and ReLUs fused into the compiled convs before them (`fuse_relu`). `report`: `{'slim': {layer:
+    {'channels', 'kept'}}, 'kgs': {conv: {'path' ('compiled', 'kgs' or 'dense'), 'density',
+    'estimated_speedup', 'measured_speedup', 'reason'}}, 'folded': {batchnorm: conv}, 'pools': [names],
+    'relu_fused': [names]}`, each empty when not done.
     """
     types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
     report = {'slim': {}, 'kgs': {}}
@@ -392,6 +424,7 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
     if any(t != 'filter' for t in types):
         report['kgs'] = sparse_exec(model, block_size, example_input=example_input)
     report['pools'] = compile_pools(model)
+    report['relu_fused'] = fuse_relu(model)
     return model, report
 
 

@@ -326,19 +326,34 @@ class KGSConv3d(nn.Module):
 class CompiledKGSConv3d(KGSConv3d):
     """A KGSConv3d (same buffers, same file format) that runs on the CPU by the compiled direct KGS
     convolution of `models.kgs_cpu`; on other devices, when traced, with gradients, or where the
-    kernel cannot be built, it runs as a KGSConv3d."""
+    kernel cannot be built, it runs as a KGSConv3d. `relu`: the ReLU after the conv is part of it
+    (`models.slim.fuse_relu`), applied as the compiled kernel stores its outputs."""
+
+    def __init__(self, *args, relu=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = bool(relu)
+
+    def spec(self):
+        return {**super().spec(), 'relu': self.relu}
+
+    def extra_repr(self):
+        return super().extra_repr() + (', relu' if self.relu else '')
 
     def forward(self, x):
         if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.jit.is_tracing()
                 or torch.onnx.is_in_onnx_export() or (x.requires_grad and torch.is_grad_enabled())
                 or self.weight_packed.device.type != 'cpu' or self.weight_packed.dtype != torch.float32):
-            return super().forward(x)
+            return self._torch_forward(x)
         kernel = self._kernel()
         if kernel is None:
-            return super().forward(x)
+            return self._torch_forward(x)
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"CompiledKGSConv3d expects (N, {self.in_channels}, T, H, W) input, got {tuple(x.shape)}")
         return kgs_cpu.conv(x, kernel)
+
+    def _torch_forward(self, x):
+        y = super().forward(x)
+        return torch.relu(y) if self.relu else y
 
     def _kernel(self):
         """The packed kernel of the current weights: built at the first call, again after they change."""
@@ -346,12 +361,12 @@ class CompiledKGSConv3d(KGSConv3d):
             kgs_cpu.log_unavailable_once()
             return None
         buffers = [b for b in (self.weight_packed, self.columns, self.bias) if b is not None]
-        key = tuple((b.data_ptr(), b._version) for b in buffers)
+        key = tuple((b.data_ptr(), b._version) for b in buffers) + (self.relu,)
         with self._lock:
             cached = self.__dict__.get('_compiled')
             if cached is None or cached[0] != key:
                 kernel = kgs_cpu.pack(self.dense_weight(), self.block_rows, self.bias, self.stride, self.padding,
-                                      self.dilation)
+                                      self.dilation, self.relu)
                 self.__dict__['_compiled'] = cached = (key, kernel)
         return cached[1]
 
@@ -519,6 +534,9 @@ def interleaved_medians(fns, reps):
 def dense_exec(model):
     """Undo `sparse_exec` in place: every KGSConv3d back to an equivalent nn.Conv3d."""
     for name, m in list(model.named_modules()):
+        if getattr(m, 'relu', False) is True:
+            raise ValueError(f"dense_exec: {name} holds the ReLU after it (models.slim.fuse_relu); build the "
+                             f"dense model from the checkpoint instead")
         if isinstance(m, KGSConv3d):
             conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                              bias=m.bias is not None).to(m.weight_packed.device, m.weight_packed.dtype)

@@ -97,6 +97,21 @@ def test_compiled_kernel_equals_the_dense_conv_of_the_pruned_weight(shape, gm, t
 
 
 @needs_kernel
+def test_a_fused_relu_is_applied_once_after_the_last_chunk_of_every_block_row(threads):
+    weight = kgs_weight(24, 64, 3, ratio=0.5)
+    weight[8:16] = 0                                   # a block row of bias only: ReLU of the bias
+    bias = torch.randn(24)
+    bias[3] = float('nan')                             # (a NaN input would reach only the kept columns' outputs)
+    x = torch.randn(1, 64, 3, 6, 11)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, 1, 1, relu=True)
+    y, ref = kgs_cpu.conv(x, kernel), torch.relu(reference(x, weight, bias, 1, 1, 1))
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())   # NaN stays NaN, as torch.relu
+    assert_exact(y.nan_to_num(0.5), ref.nan_to_num(0.5))
+    assert bool((y[0, 8:16] == bias[8:16].clamp(min=0).view(8, 1, 1, 1)).all())
+    assert bool(y[0, 3].isnan().all())
+
+
+@needs_kernel
 def test_kernel_without_bias_with_strided_input_and_changing_shapes(threads):
     weight = kgs_weight(20, 8, 3)
     kernel = kgs_cpu.pack(weight, 8, None, 1, 1, 1)
@@ -255,10 +270,33 @@ def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_o
     assert report['pools'] == pools and all(type(fast.get_submodule(n)) is CompiledMaxPool3d for n in pools)
     batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)]
     assert sorted(report['folded']) == sorted(batchnorms)      # each follows a conv in these three models
+    assert bool(report['relu_fused']) == (arch == 'r2+1d')     # only R(2+1)D's ReLUs sit in Sequentials
     save_model(fast, tmp_path / 'fast.pt', arch, 5, **geometry)
     loaded = load_model(tmp_path / 'fast.pt')
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
+
+
+@needs_kernel
+def test_relus_after_compiled_convs_in_sequentials_are_fused_and_still_applied_without_the_kernel(monkeypatch):
+    from models.slim import fuse_relu
+    from models.sparse_conv import dense_exec
+    model = nn.Sequential(pruned_conv(16, 8, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True),
+                          nn.Sequential(pruned_conv(12, 16, (3, 1, 1), padding=(1, 0, 0), seed=1)), nn.ReLU(),
+                          nn.ReLU(), nn.Conv3d(12, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 8, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    sparse_exec(model, (8, 4), min_speedup=0)
+    assert fuse_relu(model) == ['2', '4']              # not the second ReLU in a row, nor after a dense conv
+    assert model[0].relu and model[3][0].relu and isinstance(model[4], nn.Identity)
+    assert isinstance(model[5], nn.ReLU) and isinstance(model[7], nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+        monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')        # the torch path applies it too
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='ReLU'):
+        dense_exec(model)
 
 
 @needs_kernel
@@ -338,6 +376,41 @@ def test_compiled_pools_run_as_max_pool_where_the_kernel_is_disabled_or_gradient
     monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
     with torch.no_grad():
         assert torch.equal(pool(x), F.max_pool3d(x, 2, 2, (0, 1, 1)))
+
+
+PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+import admm
+from models import kgs_cpu
+assert kgs_cpu.isa() == 'portable' and kgs_cpu.available(), kgs_cpu.why_unavailable()
+torch.manual_seed(0)
+for o, i, k, s, p, shape in [(13, 6, 3, 1, 1, (2, 6, 3, 9, 7)),
+                             (16, 7, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 7, 2, 9, 20)),
+                             (10, 9, (3, 1, 1), (2, 1, 1), (1, 0, 0), (1, 9, 5, 4, 6))]:
+    w = admm.project(torch.randn(o, i, *((k,) * 3 if isinstance(k, int) else k)), 0.6, 'blk-kgs', (8, 4))
+    x, b = torch.randn(shape), torch.randn(o)
+    ref = F.conv3d(x.double(), w.double(), b.double(), s, p)
+    y = kgs_cpu.conv(x, kgs_cpu.pack(w, 8, b, s, p))
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (o, i, k)
+x = torch.randn(1, 3, 4, 9, 10)
+assert torch.equal(kgs_cpu.max_pool3d(x, 2, 2, (0, 1, 1)), F.max_pool3d(x, 2, 2, (0, 1, 1)))
+print('portable ok')
+"""
+
+
+def test_the_portable_build_computes_the_same(tmp_path):
+    """The C++ path for CPUs without AVX2 (built here with RT3D_KGS_ISA=portable, in its own process)."""
+    if not (shutil.which('c++') and shutil.which('ninja')):
+        pytest.skip('needs a compiler and ninja to build')
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'RT3D_KGS_ISA': 'portable', 'PYTHONPATH': root}
+    env.pop('RT3D_NO_COMPILED_KGS', None)
+    done = subprocess.run([sys.executable, '-c', PORTABLE_CHECK], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and 'portable ok' in done.stdout, done.stderr[-2000:]
 
 
 def test_a_failed_build_is_reported_with_the_compiler_s_error(monkeypatch, tmp_path):

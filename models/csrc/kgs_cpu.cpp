@@ -58,6 +58,7 @@ inline vec vset(float v) { return _mm512_set1_ps(v); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vrelu(vec a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }   // NaN stays NaN, as torch.relu
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 inline void vstore_part(float* p, vec v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
@@ -70,6 +71,7 @@ inline vec vset(float v) { return _mm256_set1_ps(v); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vrelu(vec a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }   // NaN stays NaN, as torch.relu
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 // AMD's masked stores are microcoded (about ten times slower than a store): the lanes go out by
 // halves instead, which a layer's fixed row width makes predictable.
@@ -100,6 +102,7 @@ inline vec vset(float x) { vec r; for (int i = 0; i < VL; ++i) r.v[i] = x; retur
 inline vec vload(const float* p) { vec r; std::memcpy(r.v, p, sizeof r.v); return r; }
 inline vec vbroadcast(const float* p) { return vset(*p); }
 inline vec vfma(vec a, vec b, vec c) { for (int i = 0; i < VL; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline vec vrelu(vec a) { for (int i = 0; i < VL; ++i) a.v[i] = 0.f > a.v[i] ? 0.f : a.v[i]; return a; }
 inline void vstore(float* p, vec v) { std::memcpy(p, v.v, sizeof v.v); }
 inline void vstore_part(float* p, vec v, int n) { std::memcpy(p, v.v, n * sizeof(float)); }
 #endif
@@ -131,7 +134,7 @@ struct Tile {
 template <int MR, int NV>
 void run_tile(const float* __restrict x, const int64_t* __restrict offsets, int64_t ncols,
               const float* __restrict w, const Tile& t, float* __restrict y, int64_t filter_stride, int filters,
-              bool first, const float* bias, const Tile* next) {
+              bool first, const float* bias, const Tile* next, bool relu) {
   vec acc[MR][NV];
   UNROLL
   for (int m = 0; m < MR; ++m) {
@@ -176,13 +179,14 @@ void run_tile(const float* __restrict x, const int64_t* __restrict offsets, int6
     UNROLL
     for (int j = 0; j < NV; ++j) {
       float* p = y + m * filter_stride + t.out[j];
-      if (t.valid[j] == VL) vstore(p, acc[m][j]); else vstore_part(p, acc[m][j], t.valid[j]);
+      const vec v = relu ? vrelu(acc[m][j]) : acc[m][j];
+      if (t.valid[j] == VL) vstore(p, v); else vstore_part(p, v, t.valid[j]);
     }
   }
 }
 
 using TileFn = void (*)(const float*, const int64_t*, int64_t, const float*, const Tile&, float*, int64_t, int, bool,
-                        const float*, const Tile*);
+                        const float*, const Tile*, bool);
 
 template <int MR, int... NV>
 constexpr std::array<TileFn, NV_MAX + 1> tile_table(std::integer_sequence<int, NV...>) {
@@ -205,19 +209,29 @@ constexpr int64_t kRowBudget = 32 << 10;
 constexpr int64_t kOutputBudget = 128 << 10;
 constexpr int64_t kInputBudget = 256 << 10;
 constexpr int64_t kItemsPerThread = 4;   // enough work items for the threads to balance
+constexpr double kMinColumns = 48;       // kept columns per block row and chunk, at least
+constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at least (or the plane):
+                                         // shorter runs of input defeat the hardware prefetchers
 
 // --------------------------------------------------------------------------------- the kernel
+
+// A work item: a block of output rows (output planes t0.. and rows h0.. of sample n) for a group of
+// block rows starting at r0.
+struct Item {
+  int64_t r0, n, t0, h0;
+};
 
 struct Plan {
   int64_t out[3];               // T', H', W'
   int64_t tp, hp, wq, phases;   // padded input: T, H, columns per phase, phases (= W stride)
-  int64_t rows, rows_per_item;  // output rows (N * T' * H') and rows per work item
+  int64_t tb, hb;               // output planes and rows per work item
   int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
   int64_t chunks;               // chunks of input channels
   at::Tensor padded;            // (N, C, Tp, Hp, phases, Wq) + slack, zero borders written once
+  std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
   std::vector<int64_t> offsets;       // per packed column: its offset into the padded input
   std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
-  std::vector<std::pair<int64_t, int64_t>> items;   // (first block row, first output row), by output rows
+  std::vector<Item> items;            // in order of output blocks
 };
 
 class KGSKernel {
@@ -225,8 +239,8 @@ class KGSKernel {
   // `weight` (O, I, kT, kH, kW) float32: its block rows of `block_rows` filters keep the columns any
   // of their filters uses; zero columns are skipped, so a dense weight runs every column.
   KGSKernel(at::Tensor weight, std::optional<at::Tensor> bias, int64_t block_rows, std::vector<int64_t> stride,
-            std::vector<int64_t> padding, std::vector<int64_t> dilation)
-      : stride_(stride), padding_(padding), dilation_(dilation) {
+            std::vector<int64_t> padding, std::vector<int64_t> dilation, bool relu)
+      : stride_(stride), padding_(padding), dilation_(dilation), relu_(relu) {
     TORCH_CHECK(weight.dim() == 5 && weight.scalar_type() == at::kFloat, "KGSKernel: weight must be 5-D float32");
     TORCH_CHECK(stride.size() == 3 && padding.size() == 3 && dilation.size() == 3, "KGSKernel: 3 strides, paddings, "
                 "dilations expected");
@@ -327,29 +341,51 @@ class KGSKernel {
       p.offsets[u] = c * channel + kt * dilation_[0] * plane + kh * dilation_[1] * row + (w % p.phases) * p.wq +
                      w / p.phases;
     }
-    // Work items: a range of output rows (one block row's part about kRowBudget) times a group of
-    // block rows (together about kOutputBudget), fewer rows and block rows while the threads would
-    // get fewer than kItemsPerThread items each; items of even size.
+    // Work items: a block of output planes x rows (tb x hb) times a group of block rows. A chunk of
+    // input channels should give each block row about kMinColumns kept columns (fewer, and loading
+    // and storing the tiles' sums costs as much as the FMAs: R(2+1)D's 3x1x1 convs keep about one
+    // column per channel), and its input rows for the item should fit kInputBudget: the item's
+    // output rows follow, in the block shape that reads the fewest input rows per output row (taller
+    // for 3x1x1 kernels) with kMinRows rows per plane. Then block rows per item up to kOutputBudget; fewer
+    // rows and block rows while the threads would get fewer than kItemsPerThread items each.
     const int64_t vectors = (p.out[2] + VL - 1) / VL;
     const int64_t row_bytes = groups_ * mr_ * vectors * VL * 4;      // one block row, one output row
     const int64_t rows = static_cast<int64_t>(row_start_.size()) - 1;
     const int64_t wanted = kItemsPerThread * std::max(1, at::get_num_threads());
-    p.rows = n * p.out[0] * p.out[1];
-    p.rows_per_item = std::clamp<int64_t>(kRowBudget / row_bytes, 1, p.rows);
-    p.block_rows_per_item = std::clamp<int64_t>(kOutputBudget / (p.rows_per_item * row_bytes), 1, rows);
-    auto count = [&](int64_t a, int64_t b) { return ((p.rows + a - 1) / a) * ((rows + b - 1) / b); };
-    while (p.block_rows_per_item > 1 && count(p.rows_per_item, p.block_rows_per_item) < wanted)
-      p.block_rows_per_item = (p.block_rows_per_item + 1) / 2;
-    while (p.rows_per_item > 1 && count(p.rows_per_item, p.block_rows_per_item) < wanted)
-      p.rows_per_item = (p.rows_per_item + 1) / 2;
-    p.rows_per_item = (p.rows + (p.rows + p.rows_per_item - 1) / p.rows_per_item - 1) /
-                      ((p.rows + p.rows_per_item - 1) / p.rows_per_item);
-    // The input one channel contributes to an item: its output rows widened by the kernel's reach.
-    const int64_t item_t = (p.rows_per_item + p.out[1] - 1) / p.out[1] + 1;
-    const int64_t span = std::min(channel, (item_t - 1) * stride_[0] * plane + (kernel_[0] - 1) * dilation_[0] * plane +
-                                               std::min(p.rows_per_item, p.out[1]) * stride_[1] * row +
-                                               (kernel_[1] - 1) * dilation_[1] * row + row);
-    const int64_t channels_per_chunk = std::max<int64_t>(1, kInputBudget / (span * 4));
+    auto footprint = [&](int64_t tb, int64_t hb) {     // bytes of input rows one channel gives a block
+      const int64_t in_t = std::min(p.tp, (tb - 1) * stride_[0] + (kernel_[0] - 1) * dilation_[0] + 1);
+      const int64_t in_h = std::min(p.hp, (hb - 1) * stride_[1] + (kernel_[1] - 1) * dilation_[1] + 1);
+      return in_t * in_h * row * 4;
+    };
+    auto shape_for = [&](int64_t target) {
+      double best = 0;
+      for (int64_t a = 1; a <= std::min(p.out[0], target); ++a) {
+        const int64_t b = std::min(p.out[1], (target + a - 1) / a);
+        if (a > 1 && b < std::min(p.out[1], kMinRows)) break;
+        const double cost = double(footprint(a, b)) / double(a * b);
+        if (a == 1 || cost < best * 0.999) {
+          best = cost;
+          p.tb = a;
+          p.hb = b;
+        }
+      }
+    };
+    auto count = [&]() {
+      return n * ((p.out[0] + p.tb - 1) / p.tb) * ((p.out[1] + p.hb - 1) / p.hb) *
+             ((rows + p.block_rows_per_item - 1) / p.block_rows_per_item);
+    };
+    const double per_channel = double(columns_.size()) / double(std::max<int64_t>(1, rows * in_channels_));
+    const int64_t min_channels = std::clamp<int64_t>(int64_t(kMinColumns / std::max(per_channel, 1e-3)), 1, in_channels_);
+    int64_t target = std::clamp<int64_t>(kRowBudget / row_bytes, 1, p.out[0] * p.out[1]);
+    shape_for(target);
+    while (target > 1 && min_channels * footprint(p.tb, p.hb) > kInputBudget) shape_for(target = (target + 1) / 2);
+    p.block_rows_per_item = std::clamp<int64_t>(kOutputBudget / (p.tb * p.hb * row_bytes), 1, rows);
+    while (p.block_rows_per_item > 1 && count() < wanted) p.block_rows_per_item = (p.block_rows_per_item + 1) / 2;
+    while (target > 1 && count() < wanted) shape_for(target = (target + 1) / 2);
+    p.tb = (p.out[0] + (p.out[0] + p.tb - 1) / p.tb - 1) / ((p.out[0] + p.tb - 1) / p.tb);    // even sizes
+    p.hb = (p.out[1] + (p.out[1] + p.hb - 1) / p.hb - 1) / ((p.out[1] + p.hb - 1) / p.hb);
+    const int64_t channels_per_chunk =
+        std::clamp<int64_t>(kInputBudget / footprint(p.tb, p.hb), min_channels, in_channels_);
     p.chunks = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
     p.chunk_start.resize(rows * (p.chunks + 1));
     for (int64_t r = 0; r < rows; ++r) {
@@ -359,10 +395,20 @@ class KGSKernel {
         p.chunk_start[r * (p.chunks + 1) + c] =
             std::lower_bound(first, last, std::min(c * channels_per_chunk, in_channels_) * k) - columns_.data();
     }
-    // Items in order of output rows: the threads work through the same rows of input (in L3);
-    // block row after block row, the whole input would stream from memory once per block row.
-    for (int64_t first = 0; first < p.rows; first += p.rows_per_item)
-      for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.emplace_back(r, first);
+    // Items in order of output blocks: the threads work through the same input (in L3); block row
+    // after block row, the whole input would stream from memory once per block row.
+    for (int64_t nn = 0; nn < n; ++nn)
+      for (int64_t t0 = 0; t0 < p.out[0]; t0 += p.tb)
+        for (int64_t h0 = 0; h0 < p.out[1]; h0 += p.hb)
+          for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.push_back({r, nn, t0, h0});
+    // Planes and rows of padded input that outputs read: with strides over 1 and small kernels
+    // (1x1x1 stride 2 reads a quarter of its input) the others need no copy.
+    p.need_t.assign(p.tp, 0);
+    p.need_h.assign(p.hp, 0);
+    for (int64_t t = 0; t < p.out[0]; ++t)
+      for (int64_t kt = 0; kt < kernel_[0]; ++kt) p.need_t[t * stride_[0] + kt * dilation_[0]] = 1;
+    for (int64_t h = 0; h < p.out[1]; ++h)
+      for (int64_t kh = 0; kh < kernel_[1]; ++kh) p.need_h[h * stride_[1] + kh * dilation_[1]] = 1;
     return plans_.emplace(shape, std::move(p)).first->second;
   }
 
@@ -375,16 +421,19 @@ class KGSKernel {
     at::parallel_for(0, n * in_channels_ * t, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t nc = i / t, tt = i % t;
+        if (!p.need_t[tt + padding_[0]]) continue;
         for (int64_t hh = 0; hh < h; ++hh) {
+          if (!p.need_h[hh + padding_[1]]) continue;
           const float* in = src + (i * h + hh) * w;
           float* out = dst + nc * channel + (tt + padding_[0]) * plane + (hh + padding_[1]) * row;
           if (s == 1) {
             std::memcpy(out + pw, in, w * sizeof(float));
-          } else {
-            for (int64_t ww = 0; ww < w; ++ww) {
-              const int64_t col = ww + pw;
-              out[(col % s) * p.wq + col / s] = in[ww];
-            }
+            continue;
+          }
+          for (int64_t phase = 0; phase < s; ++phase) {     // padded column phase + j * s -> phase row, j
+            float* to = out + phase * p.wq;
+            for (int64_t j = std::max<int64_t>(0, (pw - phase + s - 1) / s); phase + j * s - pw < w; ++j)
+              to[j] = in[phase + j * s - pw];
           }
         }
       }
@@ -404,22 +453,23 @@ class KGSKernel {
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<Tile> tiles;
       for (int64_t i = next++; i < items; i = next++) {
-        const auto [r0, first_row] = p.items[i];
-        const int64_t last_row = std::min(p.rows, first_row + p.rows_per_item);
+        const Item item = p.items[i];
+        const int64_t r0 = item.r0;
         // The tiles of this item: its rows' vectors, NV at a time (a tile may span rows).
         tiles.clear();
         Tile t{};
-        for (int64_t q = first_row; q < last_row; ++q) {
-          const int64_t nn = q / (p.out[0] * p.out[1]), tt = q / p.out[1] % p.out[0], hh = q % p.out[1];
-          const int64_t in = nn * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row;
-          const int64_t out = nn * sample_out + tt * hw + hh * p.out[2];
-          for (int64_t v = 0; v < vectors; ++v) {
-            t.in[t.count] = in + v * VL;
-            t.out[t.count] = out + v * VL;
-            t.valid[t.count] = static_cast<int>(std::min<int64_t>(VL, p.out[2] - v * VL));
-            if (++t.count == nv) {
-              tiles.push_back(t);
-              t = Tile{};
+        for (int64_t tt = item.t0; tt < std::min(p.out[0], item.t0 + p.tb); ++tt) {
+          for (int64_t hh = item.h0; hh < std::min(p.out[1], item.h0 + p.hb); ++hh) {
+            const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row;
+            const int64_t out = item.n * sample_out + tt * hw + hh * p.out[2];
+            for (int64_t v = 0; v < vectors; ++v) {
+              t.in[t.count] = in + v * VL;
+              t.out[t.count] = out + v * VL;
+              t.valid[t.count] = static_cast<int>(std::min<int64_t>(VL, p.out[2] - v * VL));
+              if (++t.count == nv) {
+                tiles.push_back(t);
+                t = Tile{};
+              }
             }
           }
         }
@@ -434,7 +484,7 @@ class KGSKernel {
             const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
             for (const Tile& tile : tiles)
               kTiles[mr_][tile.count](x, nullptr, 0, nullptr, tile, y + f * volume, volume, filters, true, bias,
-                                      nullptr);
+                                      nullptr, relu_);
           }
         }
         // Chunk by chunk of input channels, every block row of the item runs its columns there.
@@ -444,6 +494,7 @@ class KGSKernel {
             if (a == b) continue;
             const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
             const bool first = a == u0;            // the block row's first chunk with columns writes, not adds
+            const bool relu = relu_ && b == row_start_[r + 1];     // and its last applies the fused ReLU
             for (size_t ti = 0; ti < tiles.size(); ++ti) {
               const Tile& tile = tiles[ti];
               const Tile* next = ti + 1 < tiles.size() ? &tiles[ti + 1] : nullptr;
@@ -454,7 +505,7 @@ class KGSKernel {
                 const float* wg = weights_.data() + u0 * groups_ * mr_ + (g * width + (a - u0)) * mr_;
                 const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
                 kTiles[mr_][tile.count](x, p.offsets.data() + a, b - a, wg, tile, y + f * volume, volume, filters,
-                                        first, bias, g == 0 ? next : nullptr);
+                                        first, bias, g == 0 ? next : nullptr, relu);
               }
             }
           }
@@ -467,6 +518,7 @@ class KGSKernel {
   std::vector<int64_t> stride_, padding_, dilation_;
   int64_t gm_ = 1, groups_ = 1;
   int mr_ = 1;
+  bool relu_ = false;            // the ReLU after the conv, applied as the outputs are stored
   std::vector<int64_t> columns_, row_start_;
   std::vector<float> weights_, bias_;
   std::map<std::vector<int64_t>, Plan> plans_;
@@ -580,9 +632,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
   py::class_<KGSKernel>(m, "KGSKernel")
       .def(py::init<at::Tensor, std::optional<at::Tensor>, int64_t, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, bool>(),
            py::arg("weight"), py::arg("bias"), py::arg("block_rows"), py::arg("stride"), py::arg("padding"),
-           py::arg("dilation"))
+           py::arg("dilation"), py::arg("relu") = false)
       .def("forward", &KGSKernel::forward, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("kept_columns", &KGSKernel::kept_columns)
       .def_property_readonly("kept_weights", &KGSKernel::kept_weights);
