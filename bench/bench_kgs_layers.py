@@ -76,6 +76,7 @@ def layer_table(arch, ratio, block, reps, threads, names):
     first = next(iter(layers))
     rows = ["| layer | input | dense ms | compiled ms | speedup | kept MACs | GMAC/s (kept) | % of FMA peak |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    print('\n'.join(rows), flush=True)
     torch.manual_seed(0)
     for name, (conv, shape) in layers.items():
         if (names and name not in names) or (not names and name == first):   # the first conv stays dense
@@ -142,6 +143,7 @@ def profile_model(model, clip, reps):
 def model_tables(block, reps, threads):
     out = ["| model | profile | dense ms | torch KGS ms | compiled ms | compiled speedup | over torch KGS |",
            "|---|---|---:|---:|---:|---:|---:|"]
+    print('\n'.join(out), flush=True)
     profiles = []
     for arch, candidates, label in MODELS:
         frames, crop = DEFAULT_GEOMETRY[arch]['num_frames'], DEFAULT_GEOMETRY[arch]['crop_size']
@@ -182,7 +184,7 @@ def model_tables(block, reps, threads):
         profiles.append(f"| **total** | | {total * 1e3:.1f} | | | |")
         profiles.append('\nBy kind: ' + ', '.join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)"
                                                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    return out + profiles
+    return out, profiles
 
 
 def main():
@@ -206,8 +208,10 @@ def main():
     print('\n'.join(head), flush=True)
     lines = head + layer_table(args.arch, args.ratio, block, args.reps, args.threads, args.layers)
     if args.models:
-        lines += ['\nWhole models, KGS ' + args.block + ', 1 clip:\n'] + model_tables(block, args.reps, args.threads)
-        print('\n'.join(lines[lines.index('\nWhole models, KGS ' + args.block + ', 1 clip:\n') + 3:]), flush=True)
+        print(f"\nWhole models, KGS {args.block}, 1 clip:\n", flush=True)
+        tables, profiles = model_tables(block, args.reps, args.threads)
+        print('\n'.join(profiles), flush=True)
+        lines += [f"\nWhole models, KGS {args.block}, 1 clip:\n"] + tables + profiles
     if args.out:
         with open(args.out, 'w') as f:
             f.write('\n'.join(lines) + '\n')
