@@ -12,7 +12,8 @@ need, and that rate as a share of the FMA peak (`kgs_cpu.fma_peak_gmacs`, a regi
 measured in the same interleaved rounds, so machine load hits it alike). Whole models: the masked
 (dense) model against `faster_model` (each conv measured dense vs compiled on its input), and the
 torch KGS path (`RT3D_NO_COMPILED_KGS=1`) beside them; then a per-layer profile of the fast model.
-Times are medians of `--reps` interleaved rounds; speedups are ratios within one run.
+Times are medians of `--reps` interleaved rounds; speedups are ratios within one run. On a busy
+machine, `--threads 1 --cpu-time` times by CPU time: what the work costs where it runs.
 """
 import argparse
 import copy
@@ -60,16 +61,36 @@ def conv_inputs(model, clip_shape):
     return {n: (model.get_submodule(n), s) for n, s in shapes.items()}
 
 
-def timed_rounds(fns, reps, threads):
-    """Median seconds of each callable and the median FMA peak, all measured in the same interleaved rounds."""
+def timed_rounds(fns, reps, threads, clock='wall'):
+    """Median seconds of each callable and the median FMA peak, all measured in the same interleaved rounds.
+    `clock='cpu'`: the process's CPU time instead of wall time (one thread on a busy machine: the time
+    the work took where it ran, not the time other processes held the core)."""
     peaks = []
-    fns = list(fns) + [lambda: peaks.append(kgs_cpu.fma_peak_gmacs(threads, cached=False))]
+    if clock == 'cpu':
+        def peak():
+            start = time.process_time()
+            kgs_cpu.fma_peak_gmacs(threads, cached=False)
+            peaks.append(kgs_cpu._load().fma_loop_macs * threads / (time.process_time() - start) / 1e9)
+    else:
+        def peak():
+            peaks.append(kgs_cpu.fma_peak_gmacs(threads, cached=False))
+    fns = list(fns) + [peak]
     with torch.no_grad():
-        times = interleaved_medians(fns, reps)
+        if clock == 'cpu':
+            times = [[] for _ in fns]
+            for i in range(reps + 1):
+                for t, fn in zip(times, fns):
+                    start = time.process_time()
+                    fn()
+                    if i:
+                        t.append(time.process_time() - start)
+            times = [statistics.median(t) for t in times]
+        else:
+            times = interleaved_medians(fns, reps)
     return times[:-1], statistics.median(peaks[1:] or peaks)
 
 
-def layer_table(arch, ratio, block, reps, threads, names):
+def layer_table(arch, ratio, block, reps, threads, names, clock='wall'):
     frames, crop = DEFAULT_GEOMETRY[arch]['num_frames'], DEFAULT_GEOMETRY[arch]['crop_size']
     model = build_model(arch, 101, pretrained=False).eval()
     layers = conv_inputs(model, (1, 3, frames, crop, crop))
@@ -88,7 +109,7 @@ def layer_table(arch, ratio, block, reps, threads, names):
         voxels = out[0, 0].numel() * shape[0]
         (dense_s, fast_s), peak = timed_rounds(
             [lambda: F.conv3d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation),
-             lambda: kgs_cpu.conv(x, kernel)], reps, threads)
+             lambda: kgs_cpu.conv(x, kernel)], reps, threads, clock)
         kept = kernel.kept_weights * voxels
         rate = kept / fast_s / 1e9
         rows.append(f"| {name} | {tuple(shape[1:])} | {dense_s * 1e3:.1f} | {fast_s * 1e3:.1f} | "
@@ -140,7 +161,7 @@ def profile_model(model, clip, reps):
     return rows, statistics.median(totals[1:])
 
 
-def model_tables(block, reps, threads):
+def model_tables(block, reps, threads, clock='wall'):
     out = ["| model | profile | dense ms | torch KGS ms | compiled ms | compiled speedup | over torch KGS |",
            "|---|---|---:|---:|---:|---:|---:|"]
     print('\n'.join(out), flush=True)
@@ -155,7 +176,8 @@ def model_tables(block, reps, threads):
             torch_kgs, _ = faster_model(copy.deepcopy(dense), arch, 'blk-kgs', block, example_input=clip)
         finally:
             del os.environ['RT3D_NO_COMPILED_KGS']
-        (d, t, c), _ = timed_rounds([lambda: dense(clip), lambda: torch_kgs(clip), lambda: fast(clip)], reps, threads)
+        (d, t, c), _ = timed_rounds([lambda: dense(clip), lambda: torch_kgs(clip), lambda: fast(clip)], reps, threads,
+                                    clock)
         out.append(f"| {arch} {label} | {source} | {d * 1e3:.0f} | {t * 1e3:.0f} | {c * 1e3:.0f} | {d / c:.2f}x | "
                    f"{t / c:.2f}x |")
         print(out[-1], flush=True)
@@ -196,6 +218,8 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5, help='interleaved rounds (medians)')
     parser.add_argument('--models', action='store_true', help='also whole models and their profile')
+    parser.add_argument('--cpu-time', action='store_true',
+                        help="time by the process's CPU time, not wall time (for --threads 1 on a busy machine)")
     parser.add_argument('--out', help='also write the tables to this Markdown file')
     args = parser.parse_args()
     if not kgs_cpu.available():
@@ -203,13 +227,16 @@ def main():
     torch.set_num_threads(args.threads)
     block = tuple(int(v) for v in args.block.lower().split('x'))
     head = [f"CPU: {cpu_name()}; {args.threads} threads; torch {torch.__version__}; medians of {args.reps} "
-            f"interleaved rounds; FMA peak {kgs_cpu.fma_peak_gmacs(args.threads):.1f} GMAC/s at the start",
+            f"interleaved rounds of {'CPU' if args.cpu_time else 'wall'} time; FMA peak "
+            f"{kgs_cpu.fma_peak_gmacs(args.threads):.1f} GMAC/s (wall) at the start; load average "
+            f"{os.getloadavg()[0]:.1f}",
             f"\n{args.arch}, KGS {args.block}, ratio {args.ratio}, 1 clip:\n"]
     print('\n'.join(head), flush=True)
-    lines = head + layer_table(args.arch, args.ratio, block, args.reps, args.threads, args.layers)
+    clock = 'cpu' if args.cpu_time else 'wall'
+    lines = head + layer_table(args.arch, args.ratio, block, args.reps, args.threads, args.layers, clock)
     if args.models:
         print(f"\nWhole models, KGS {args.block}, 1 clip:\n", flush=True)
-        tables, profiles = model_tables(block, args.reps, args.threads)
+        tables, profiles = model_tables(block, args.reps, args.threads, clock)
         print('\n'.join(profiles), flush=True)
         lines += [f"\nWhole models, KGS {args.block}, 1 clip:\n"] + tables + profiles
     if args.out:

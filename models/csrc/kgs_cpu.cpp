@@ -210,6 +210,9 @@ constexpr int64_t kOutputBudget = 128 << 10;
 constexpr int64_t kInputBudget = 256 << 10;
 constexpr int64_t kItemsPerThread = 4;   // enough work items for the threads to balance
 constexpr double kMinColumns = 48;       // kept columns per block row and chunk, at least
+constexpr double kMaxColumns = 192;      // and at most: their weights and offsets (40 B a column) stay in
+                                         // L1 while every tile of the item runs over them (C3D's conv5
+                                         // has 5 tiles per item, and a block row 2800 kept columns)
 constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at least (or the plane):
                                          // shorter runs of input defeat the hardware prefetchers
 
@@ -384,8 +387,9 @@ class KGSKernel {
     while (target > 1 && count() < wanted) shape_for(target = (target + 1) / 2);
     p.tb = (p.out[0] + (p.out[0] + p.tb - 1) / p.tb - 1) / ((p.out[0] + p.tb - 1) / p.tb);    // even sizes
     p.hb = (p.out[1] + (p.out[1] + p.hb - 1) / p.hb - 1) / ((p.out[1] + p.hb - 1) / p.hb);
+    const int64_t max_channels = std::max<int64_t>(1, int64_t(kMaxColumns / std::max(per_channel, 1e-3)));
     const int64_t channels_per_chunk =
-        std::clamp<int64_t>(kInputBudget / footprint(p.tb, p.hb), min_channels, in_channels_);
+        std::clamp<int64_t>(std::min(kInputBudget / footprint(p.tb, p.hb), max_channels), min_channels, in_channels_);
     p.chunks = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
     p.chunk_start.resize(rows * (p.chunks + 1));
     for (int64_t r = 0; r < rows; ++r) {
@@ -592,8 +596,10 @@ at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int
 
 // Register-only FMA loop: 12 independent accumulators cover the FMA latency (4-5 cycles) at two
 // FMAs per cycle; returns GMAC/s over `threads` threads (best of `repeats`).
+constexpr int64_t kPeakIterations = 4 << 20;
+
 double fma_peak_gmacs(int64_t threads, int64_t repeats) {
-  const int64_t iterations = 4 << 20;
+  const int64_t iterations = kPeakIterations;
   auto body = [iterations](float* sink) {
     vec acc[12];
     for (int i = 0; i < 12; ++i) acc[i] = vset(1.f + i * 1e-3f);
@@ -626,6 +632,7 @@ double fma_peak_gmacs(int64_t threads, int64_t repeats) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = ISA;
   m.attr("lanes") = VL;
+  m.attr("fma_loop_macs") = kPeakIterations * 12 * VL;    // one thread's MACs in one run of the peak loop
   m.def("fma_peak_gmacs", &fma_peak_gmacs, "measured FMA throughput, GMAC/s", py::arg("threads"),
         py::arg("repeats") = 3);
   m.def("max_pool3d", &max_pool3d, "max pooling without indices", py::arg("x"), py::arg("kernel"),
