@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import build_model
-from .sparse_conv import KGSConv3d, _triple, sparse_exec
+from . import build_model, kgs_cpu
+from .sparse_conv import CompiledKGSConv3d, CompiledMaxPool3d, KGSConv3d, _triple, sparse_exec
 
 FORMAT = 'rt3d-model'
 VERSION = 1
@@ -325,15 +325,94 @@ def _set_module(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+@torch.no_grad()
+def fold_batchnorm(model, arch):
+    """Fold, in place, every eval-mode BatchNorm3d that directly follows a plain Conv3d into that conv's
+    weight and bias (the BatchNorm becomes nn.Identity): the same outputs up to float rounding, one pass
+    over the activations fewer. Per-filter scales keep a pruned weight's zeros. Returns the folded
+    BatchNorms, `{batchnorm name: conv name}`."""
+    if arch not in LINKS:
+        raise ValueError(f"fold_batchnorm knows {', '.join(LINKS)}; got arch {arch!r}")
+    folded = {}
+    for link in LINKS[arch](model):
+        for producer, ops in link.producers:
+            if not ops or ops[0] == 'relu' or ops[0] in folded:
+                continue
+            conv, bn = model.get_submodule(producer), model.get_submodule(ops[0])
+            if type(conv) is not nn.Conv3d or type(bn) is not nn.BatchNorm3d or bn.training \
+                    or bn.running_var is None:
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            new = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            conv.dilation, bias=True).to(conv.weight.device, conv.weight.dtype)
+            new.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1, 1))
+            new.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))
+            _set_module(model, producer, new)
+            _set_module(model, ops[0], nn.Identity())
+            folded[ops[0]] = producer
+    return folded
+
+
+def compile_pools(model):
+    """Swap, in place, every nn.MaxPool3d of a CPU model for a CompiledMaxPool3d (same arguments) where the
+    compiled kernel is available; returns their names."""
+    pools = [(n, m) for n, m in model.named_modules() if type(m) is nn.MaxPool3d and not m.return_indices]
+    params = next(model.parameters(), None)
+    if not pools or (params is not None and params.device.type != 'cpu') or not kgs_cpu.available():
+        return []
+    for name, m in pools:
+        _set_module(model, name, CompiledMaxPool3d(m.kernel_size, m.stride, m.padding, m.dilation,
+                                                   ceil_mode=m.ceil_mode))
+    return [n for n, _ in pools]
+
+
+def fuse_relu(model):
+    """Make, in place, every nn.ReLU that follows a CompiledKGSConv3d in an nn.Sequential (BatchNorms
+    folded away, nested Sequentials ending in the conv included) part of that conv, the ReLU replaced by
+    nn.Identity: the kernel applies it as it stores its outputs, one pass over them fewer. ReLUs called
+    from a module's forward (C3D's, S3D's, R(2+1)D's after the residual sum) stay. Returns the ReLUs fused."""
+    def last(module):              # the module whose output a Sequential returns
+        while isinstance(module, nn.Sequential):
+            inner = [m for m in module if not isinstance(m, nn.Identity)]
+            if not inner:
+                return None
+            module = inner[-1]
+        return module
+
+    fused = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        before = None
+        for index, module in enumerate(seq):
+            if isinstance(module, nn.ReLU):
+                conv = last(before) if before is not None else None
+                if type(conv) is CompiledKGSConv3d and not conv.relu:
+                    conv.relu = True
+                    seq[index] = nn.Identity()
+                    fused.append(f'{name}.{index}' if name else str(index))
+                    continue
+            if not isinstance(module, nn.Identity):
+                before = module
+    return fused
+
+
 def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=None):
     """`(model, report)`: the fastest form this package has for a pruned model (eval mode, same outputs).
 
     `sparsity_type` is the pruning's type, or the list of them (several profiles at once). With
     `filter` among them, a slim copy (`slim_model`); with a block type among them, pruned convs of the
-    (slim) model swapped in place for KGSConv3d where that is faster (`sparse_exec` with block rows of
-    `block_size[0]` filters, measured on `example_input` if given). `report`: `{'slim': {layer:
-    {'channels', 'kept'}}, 'kgs': {conv: {'path', 'density', 'estimated_speedup', 'measured_speedup',
-    'reason'}}}`, each empty when not done.
+    (slim) model swapped in place for the compiled KGS kernel (or KGSConv3d where it cannot be built)
+    where that is faster (`sparse_exec` with block rows of `block_size[0]` filters, measured on
+    `example_input` if given). Always, eval-mode BatchNorms folded into the convs before them
+    (`fold_batchnorm`) and, on the CPU with the compiled kernel, max pools compiled (`compile_pools`)
+    and ReLUs fused into the compiled convs before them (`fuse_relu`). `report`: `{'slim': {layer:
+    {'channels', 'kept'}}, 'kgs': {conv: {'path' ('compiled', 'kgs' or 'dense'), 'density',
+    'estimated_speedup', 'measured_speedup', 'reason'}}, 'folded': {batchnorm: conv}, 'pools': [names],
+    'relu_fused': [names]}`, each empty when not done.
     """
     types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
     report = {'slim': {}, 'kgs': {}}
@@ -341,8 +420,11 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
         model = slim_model(model, arch)
         report['slim'] = model.slim_report
     model.eval()
+    report['folded'] = fold_batchnorm(model, arch)
     if any(t != 'filter' for t in types):
         report['kgs'] = sparse_exec(model, block_size, example_input=example_input)
+    report['pools'] = compile_pools(model)
+    report['relu_fused'] = fuse_relu(model)
     return model, report
 
 
@@ -359,12 +441,19 @@ def macs(model, clip_shape):
 # ----------------------------------------------------------------------------- files
 
 _CLASSES = {'Conv3d': nn.Conv3d, 'SlimConv3d': SlimConv3d, 'Linear': nn.Linear, 'BatchNorm3d': nn.BatchNorm3d,
-            'BatchNormExpand': BatchNormExpand, 'KGSConv3d': KGSConv3d}
+            'BatchNormExpand': BatchNormExpand, 'KGSConv3d': KGSConv3d, 'CompiledKGSConv3d': CompiledKGSConv3d,
+            'CompiledMaxPool3d': CompiledMaxPool3d, 'Identity': nn.Identity}
 
 
 def _spec(module):
     if isinstance(module, KGSConv3d):
         return module.spec()
+    if isinstance(module, nn.Identity):
+        return {}
+    if isinstance(module, nn.MaxPool3d):
+        return {'kernel_size': list(_triple(module.kernel_size)), 'stride': list(_triple(module.stride)),
+                'padding': list(_triple(module.padding)), 'dilation': list(_triple(module.dilation)),
+                'ceil_mode': module.ceil_mode}
     if isinstance(module, nn.Conv3d):
         return {'in_channels': module.in_channels, 'out_channels': module.out_channels,
                 'kernel_size': list(module.kernel_size), 'stride': list(module.stride),

@@ -10,6 +10,10 @@ of contiguous runs of the zero-padded input (no full im2col), and multiplies eve
 one batched matmul, each row's columns padded to the largest count. The kept pattern is read
 from the weight's zeros, so any pruned checkpoint works; the work saved grows with gM, since
 each gathered row feeds gM filters (README section 8 has the measured trade-off).
+
+Where a C++ compiler is at hand, `sparse_exec` uses `CompiledKGSConv3d` instead: the same module
+and file format, run by the compiled direct convolution of `models/kgs_cpu.py` on the CPU
+(docs/kgs_kernel.md); elsewhere (GPU, tracing, gradients, no compiler) it runs as a KGSConv3d.
 """
 import logging
 import math
@@ -22,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kgs_cpu
+
 log = logging.getLogger(__name__)
 
 # Cost model, in units of one MAC of oneDNN's dense conv3d, fitted to C3D's layers on a 2-core
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 # `_ELEMENT` more (written by the gather, then streamed once per block row: small blocks pay it
 # for few MACs). Used only to keep a layer dense where the KGS path would not gain.
 _MAC, _ELEMENT = 1.6, 38.0
+# The compiled kernel: one kept MAC costs about 1.6 of oneDNN's dense MACs (on the 2-core AVX2 EPYC of
+# docs/kgs_kernel.md it runs C3D's pruned convs at 35-60% of the FMA peak, oneDNN its dense ones at 60-97%).
+_COMPILED_MAC = 1.6
 WORKSPACE_BYTES = 512 << 20   # gathered rows held at once per layer; a larger input is done in tiles
 
 
@@ -314,6 +323,76 @@ class KGSConv3d(nn.Module):
         return positions.tolist(), channels, remap
 
 
+class CompiledKGSConv3d(KGSConv3d):
+    """A KGSConv3d (same buffers, same file format) that runs on the CPU by the compiled direct KGS
+    convolution of `models.kgs_cpu`; on other devices, when traced, with gradients, or where the
+    kernel cannot be built, it runs as a KGSConv3d. `relu`: the ReLU after the conv is part of it
+    (`models.slim.fuse_relu`), applied as the compiled kernel stores its outputs."""
+
+    def __init__(self, *args, relu=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = bool(relu)
+
+    def spec(self):
+        return {**super().spec(), 'relu': self.relu}
+
+    def extra_repr(self):
+        return super().extra_repr() + (', relu' if self.relu else '')
+
+    def forward(self, x):
+        if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export() or (x.requires_grad and torch.is_grad_enabled())
+                or self.weight_packed.device.type != 'cpu' or self.weight_packed.dtype != torch.float32):
+            return self._torch_forward(x)
+        kernel = self._kernel()
+        if kernel is None:
+            return self._torch_forward(x)
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CompiledKGSConv3d expects (N, {self.in_channels}, T, H, W) input, got {tuple(x.shape)}")
+        return kgs_cpu.conv(x, kernel)
+
+    def _torch_forward(self, x):
+        y = super().forward(x)
+        return torch.relu(y) if self.relu else y
+
+    def _kernel(self):
+        """The packed kernel of the current weights: built at the first call, again after they change."""
+        if not kgs_cpu.available():
+            kgs_cpu.log_unavailable_once()
+            return None
+        buffers = [b for b in (self.weight_packed, self.columns, self.bias) if b is not None]
+        key = tuple((b.data_ptr(), b._version) for b in buffers) + (self.relu,)
+        with self._lock:
+            cached = self.__dict__.get('_compiled')
+            if cached is None or cached[0] != key:
+                kernel = kgs_cpu.pack(self.dense_weight(), self.block_rows, self.bias, self.stride, self.padding,
+                                      self.dilation, self.relu)
+                self.__dict__['_compiled'] = cached = (key, kernel)
+        return cached[1]
+
+    def release(self):
+        super().release()
+        self.__dict__.pop('_compiled', None)
+
+    def __getstate__(self):          # the compiled kernel is rebuilt by the copy at its first call
+        state = super().__getstate__()
+        state.pop('_compiled', None)
+        return state
+
+
+class CompiledMaxPool3d(nn.MaxPool3d):
+    """An nn.MaxPool3d computed on the CPU by the compiled kernel, which skips the indices PyTorch's CPU
+    max_pool3d computes even for inference (C3D's pool1 takes it longer than the compiled conv1);
+    elsewhere, with gradients, indices or ceil mode, it runs as nn.MaxPool3d."""
+
+    def forward(self, x):
+        if (self.return_indices or self.ceil_mode or x.device.type != 'cpu' or x.dtype != torch.float32
+                or x.dim() != 5 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (x.requires_grad and torch.is_grad_enabled()) or not kgs_cpu.available()):
+            return super().forward(x)
+        return kgs_cpu.max_pool3d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def check_convertible(conv):
@@ -329,28 +408,34 @@ def check_convertible(conv):
                          f"({conv.padding_mode})")
 
 
-def estimate_speedup(weight, block_rows):
-    """Predicted dense time / KGS time of a weight under the cost model (>1: the KGS path gains)."""
+def estimate_speedup(weight, block_rows, compiled=False):
+    """Predicted dense time / KGS time of a weight under the cost model (>1: the KGS path gains); of the
+    compiled kernel's time with `compiled`, which runs each block row's own kept columns, unpadded."""
     o = weight.shape[0]
     gm = max(1, min(int(block_rows), o))
     rows = -(-o // gm)
     flat = F.pad(weight.detach().reshape(o, -1), (0, 0, 0, rows * gm - o)).view(rows, gm, -1)
-    width = max(1, int((flat != 0).any(dim=1).sum(dim=1).max()))
-    sparse = rows * width * (gm * _MAC + _ELEMENT)
+    kept = (flat != 0).any(dim=1).sum(dim=1)
+    if compiled:
+        return o * flat.shape[-1] / max(1.0, float(kept.sum()) * gm * _COMPILED_MAC)
+    sparse = rows * max(1, int(kept.max())) * (gm * _MAC + _ELEMENT)
     return o * flat.shape[-1] / sparse
 
 
 @torch.no_grad()
 def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None, example_input=None, reps=3):
-    """Swap, in place, every pruned `Conv3d` of `model` for a `KGSConv3d` with block rows of `block_size[0]`
+    """Swap, in place, every pruned `Conv3d` of `model` for a KGS module with block rows of `block_size[0]`
     filters where that is at least `min_speedup` times faster; the others stay dense.
 
+    The module is a `CompiledKGSConv3d` (path 'compiled') where the compiled kernel of `models.kgs_cpu`
+    can run (a CPU model, a C++ compiler), else a `KGSConv3d` (path 'kgs'; one log line says why).
     Faster is predicted by the cost model, or, given `example_input` (a batch as it will be run), measured:
     each layer, dense and KGS, on its real input, `reps` interleaved calls, medians (the time sizes
-    decide: a layer that gains at batch 1 may not at batch 8). `layers` limits it to those module names.
-    Returns `{module name: row}`, one per Conv3d, `row` a dict: `path` ('kgs' or 'dense'), `density`
-    (non-zero fraction of the weight), `estimated_speedup`, `measured_speedup` (None unless measured)
-    and `reason` (why it stays dense, or '').
+    decide: a layer that gains at batch 1 may not at batch 8). Measured, an unpruned conv also takes the
+    compiled kernel where that is faster (its reason stays 'no zeros'). `layers` limits it to those
+    module names. Returns `{module name: row}`, one per Conv3d, `row` a dict: `path` ('compiled', 'kgs'
+    or 'dense'), `density` (non-zero fraction of the weight), `estimated_speedup`, `measured_speedup`
+    (None unless measured) and `reason` (why it stays dense, or '').
     """
     gm = int(block_size[0]) if isinstance(block_size, (tuple, list)) else int(block_size)
     if gm < 1:
@@ -362,6 +447,7 @@ def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None, example_
             raise KeyError(f"sparse_exec: {', '.join(sorted(unknown))} not a Conv3d of {type(model).__name__}; "
                            f"Conv3d modules are {', '.join(n for n, _ in convs)}")
     inputs = _conv_inputs(model, example_input) if example_input is not None else {}
+    compiled = _compiled_path(convs)
     report = {}
     for name, conv in convs:
         density = float((conv.weight != 0).float().mean())
@@ -373,34 +459,50 @@ def sparse_exec(model, block_size=(8, 4), min_speedup=1.1, layers=None, example_
             continue
         if density == 1.0:
             row['reason'] = 'no zeros'
-            continue
+            # oneDNN runs most dense convs faster; a few (C3D's conv1: 3 input channels) run faster compiled.
+            if not (compiled and name in inputs):
+                continue
         try:
             check_convertible(conv)
         except ValueError as exc:
-            row['reason'] = str(exc)
+            row['reason'] = row['reason'] or str(exc)
             continue
-        row['estimated_speedup'] = estimate_speedup(conv.weight, gm)
+        cls, path = (CompiledKGSConv3d, 'compiled') if compiled else (KGSConv3d, 'kgs')
+        row['estimated_speedup'] = estimate_speedup(conv.weight, gm, compiled)
         if name in inputs:
-            kgs = KGSConv3d.from_conv(conv, gm)
+            kgs = cls.from_conv(conv, gm)
             times = interleaved_medians([lambda x=inputs[name]: conv(x), lambda x=inputs[name]: kgs(x)], reps)
             row['measured_speedup'] = times[0] / times[1]
             if row['measured_speedup'] < min_speedup:
-                row['reason'] = f"measured {row['measured_speedup']:.2f}x < {min_speedup}x"
+                if density < 1.0:
+                    row['reason'] = f"measured {row['measured_speedup']:.2f}x < {min_speedup}x"
                 continue
         elif row['estimated_speedup'] < min_speedup:
             row['reason'] = (f"estimated {row['estimated_speedup']:.2f}x < {min_speedup}x: zeros not shared by "
                              f"blocks of {gm} filters, or too few")
             continue
         else:
-            kgs = KGSConv3d.from_conv(conv, gm)
+            kgs = cls.from_conv(conv, gm)
         _set_module(model, name, kgs)
-        row['path'] = 'kgs'
+        row['path'] = path
     for name, row in report.items():
-        if row['reason'] not in ('no zeros', 'not selected'):
+        if row['reason'] not in ('no zeros', 'not selected') or row['path'] != 'dense':
             measured = '' if row['measured_speedup'] is None else f"measured {row['measured_speedup']:.2f}x "
-            log.info(f"sparse-exec {name:<32} {row['path']:<5} density {row['density']:.3f} "
+            log.info(f"sparse-exec {name:<32} {row['path']:<8} density {row['density']:.3f} "
                      f"estimated {row['estimated_speedup']:.2f}x {measured}{row['reason']}")
     return report
+
+
+def _compiled_path(convs):
+    """Whether the KGS modules of these convs run compiled: all on the CPU and the kernel available (else
+    one log line says why not)."""
+    if not convs or any(m.weight.device.type != 'cpu' for _, m in convs):
+        return False
+    if kgs_cpu.available():
+        return True
+    log.warning(f"sparse-exec: the compiled KGS kernel is not available ({kgs_cpu.why_unavailable()}); "
+                f"pruned convs run as KGSConv3d (torch ops)")
+    return False
 
 
 def _conv_inputs(model, example_input):
@@ -432,6 +534,9 @@ def interleaved_medians(fns, reps):
 def dense_exec(model):
     """Undo `sparse_exec` in place: every KGSConv3d back to an equivalent nn.Conv3d."""
     for name, m in list(model.named_modules()):
+        if getattr(m, 'relu', False) is True:
+            raise ValueError(f"dense_exec: {name} holds the ReLU after it (models.slim.fuse_relu); build the "
+                             f"dense model from the checkpoint instead")
         if isinstance(m, KGSConv3d):
             conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                              bias=m.bias is not None).to(m.weight_packed.device, m.weight_packed.dtype)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import admm
-from models import build_model
+from models import build_model, kgs_cpu
 from models.slim import BatchNormExpand, SlimConv3d, load_model, macs, save_model, slim_model
 
 CLIPS = {'c3d': (2, 3, 16, 32, 32), 'r2+1d': (2, 3, 8, 32, 32), 's3d': (1, 3, 4, 32, 32)}
@@ -183,9 +183,43 @@ def test_faster_model_slims_filter_models_and_runs_kgs_models_from_their_kept_gr
     with torch.no_grad():
         ref = model(x)
     fast, report = faster_model(model, 'c3d', ['blk-kgs'], (512, 4))
-    assert isinstance(fast.conv3b, KGSConv3d) and report['kgs']['conv3b']['path'] == 'kgs'
+    path = 'compiled' if kgs_cpu.available() else 'kgs'
+    assert isinstance(fast.conv3b, KGSConv3d) and report['kgs']['conv3b']['path'] == path
     with torch.no_grad():
         assert_same(fast(x), ref)
+
+
+def test_batchnorms_fold_into_the_convs_before_them_by_the_rule_and_keep_the_outputs(models):
+    from models.slim import fold_batchnorm
+    model = copy.deepcopy(models['r2+1d'])
+    conv, bn = model.stem[0], model.stem[1]
+    std = (bn.running_var + bn.eps).sqrt()                      # the rule: y = (conv(x) - mean) / std * gamma + beta
+    weight = conv.weight.detach() * (bn.weight / std).detach().view(-1, 1, 1, 1, 1)
+    bias = ((0 if conv.bias is None else conv.bias) - bn.running_mean) / std * bn.weight + bn.bias
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_batchnorm(model, 'r2+1d')
+        y = model(x)
+    assert folded['stem.1'] == 'stem.0' and isinstance(model.stem[1], nn.Identity)
+    torch.testing.assert_close(model.stem[0].weight, weight)
+    torch.testing.assert_close(model.stem[0].bias, bias.detach())
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    assert_same(y, ref)
+    torch.testing.assert_close((model.stem[0].weight == 0), (models['r2+1d'].stem[0].weight == 0))
+
+
+def test_batchnorms_in_training_mode_or_after_a_slim_conv_stay(models, slims):
+    from models.slim import fold_batchnorm
+    model = copy.deepcopy(models['r2+1d']).train()
+    assert fold_batchnorm(model, 'r2+1d') == {}
+    slim = copy.deepcopy(slims['r2+1d'])
+    folded = fold_batchnorm(slim, 'r2+1d')
+    assert 'layer1.0.conv2.1' not in folded                    # a BatchNormExpand: it restores the width
+    assert isinstance(slim.get_submodule('layer1.0.conv2.1'), BatchNormExpand)
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert_same(slim(x), models['r2+1d'](x))
 
 
 def test_slim_layers_with_corrections_are_not_converted_to_kgs(models):

@@ -1,0 +1,648 @@
+// Direct 3D convolution from the kept columns of a kernel-group-sparse weight (models/kgs_cpu.py).
+//
+// Under blk-kgs the gM filters of a block row keep the same (input channel, kernel offset) columns.
+// Per block row this file keeps the list of those columns, each turned into one offset into the
+// zero-padded input, and the block row's weights packed column by column, MR filters at a time.
+// A register tile of MR filters x NV vectors of VL output voxels then runs over the kept columns:
+// per column, NV vector loads of input and MR broadcasts of weights feed MR*NV FMAs, and the
+// same input vectors serve every filter of the block row (the second group of MR filters finds
+// them in L1). Nothing is gathered: the padded copy of the input and the output are all it writes.
+//
+// The padded input is stored in `phases` = W-stride interleaved copies (padded column w lands in
+// phase w % s at w / s), so the VL consecutive outputs of a vector always read VL consecutive
+// floats, whatever the stride or dilation. A vector never crosses an output row; a row narrower
+// than a vector (C3D's conv5 is 7 wide) or a row's last vector ends in a partial store.
+//
+// Cache blocking: a work item is a few block rows over a range of output rows. The input channels
+// are taken in chunks small enough that their rows of input for the range stay in L2 while each
+// block row of the item runs its kept columns of the chunk over every tile of the range; partial
+// sums stay in the output (in L2 too) between chunks. Threads take work items from a shared
+// counter in order of output rows, so that they read the same input, from L3 at worst.
+//
+// The instruction set is chosen when this file is compiled (models/kgs_cpu.py passes -mavx2 -mfma
+// or -mavx512f from the CPU's flags at run time); without either, portable C++ that the compiler
+// vectorises as it can.
+// Only the headers used (not <torch/extension.h>): the build takes a third of the time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------- vector layer
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr const char* ISA = "avx512";
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vrelu(vec a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }   // NaN stays NaN, as torch.relu
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline void vstore_part(float* p, vec v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VL = 8;
+constexpr const char* ISA = "avx2";
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vrelu(vec a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }   // NaN stays NaN, as torch.relu
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+// AMD's masked stores are microcoded (about ten times slower than a store): the lanes go out by
+// halves instead, which a layer's fixed row width makes predictable.
+inline void vstore_part(float* p, vec v, int n) {
+  __m128 part = _mm256_castps256_ps128(v);
+  if (n >= 4) {
+    _mm_storeu_ps(p, part);
+    part = _mm256_extractf128_ps(v, 1);
+    p += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+    part = _mm_movehl_ps(part, part);
+    p += 2;
+    n -= 2;
+  }
+  if (n) _mm_store_ss(p, part);
+}
+#else
+constexpr int VL = 8;
+constexpr const char* ISA = "portable";
+struct vec {
+  float v[VL];
+};
+inline vec vzero() { return vec{}; }
+inline vec vset(float x) { vec r; for (int i = 0; i < VL; ++i) r.v[i] = x; return r; }
+inline vec vload(const float* p) { vec r; std::memcpy(r.v, p, sizeof r.v); return r; }
+inline vec vbroadcast(const float* p) { return vset(*p); }
+inline vec vfma(vec a, vec b, vec c) { for (int i = 0; i < VL; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline vec vrelu(vec a) { for (int i = 0; i < VL; ++i) a.v[i] = 0.f > a.v[i] ? 0.f : a.v[i]; return a; }
+inline void vstore(float* p, vec v) { std::memcpy(p, v.v, sizeof v.v); }
+inline void vstore_part(float* p, vec v, int n) { std::memcpy(p, v.v, n * sizeof(float)); }
+#endif
+
+inline void prefetch(const float* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Register tiles: MR filters x NV vectors, MR*NV accumulators plus NV input vectors and one
+// broadcast within the 16 vector registers of AVX2.
+constexpr int MR_MAX = 4;
+constexpr int NV_MAX = 8;
+constexpr int nv_for(int mr) { return mr == 4 ? 3 : mr == 3 ? 4 : mr == 2 ? 6 : 8; }
+
+// Every loop over the tile's filters and vectors is unrolled where it is written: then GCC keeps
+// the accumulators in registers (unrolled later, it leaves them in memory, stored at every column).
+#define UNROLL _Pragma("GCC unroll 16")
+
+// What one tile computes: NV output vectors, each VL consecutive voxels of one output row.
+struct Tile {
+  int64_t in[NV_MAX];    // offset of the vector's first input element in the padded input
+  int64_t out[NV_MAX];   // offset of its first voxel in one filter's output (batch included)
+  int valid[NV_MAX];     // voxels of the vector inside the row (VL but at a row's end)
+  int count;
+};
+
+template <int MR, int NV>
+void run_tile(const float* __restrict x, const int64_t* __restrict offsets, int64_t ncols,
+              const float* __restrict w, const Tile& t, float* __restrict y, int64_t filter_stride, int filters,
+              bool first, const float* bias, const Tile* next, bool relu) {
+  vec acc[MR][NV];
+  UNROLL
+  for (int m = 0; m < MR; ++m) {
+    UNROLL
+    for (int j = 0; j < NV; ++j) {
+      if (m >= filters) {
+        acc[m][j] = vzero();
+      } else if (first) {
+        acc[m][j] = bias ? vset(bias[m]) : vzero();
+      } else {
+        acc[m][j] = vload(y + m * filter_stride + t.out[j]);   // lanes past a row: read, never written
+      }
+    }
+  }
+  // The next tile's input is fetched into L1 while this one computes (one tile's loads of one
+  // column seldom share lines with the next tile's, and the hardware misses the pattern).
+  const float* next_first = next ? x + next->in[0] : nullptr;
+  const float* next_last = next ? x + next->in[next->count - 1] + VL - 1 : nullptr;
+  const float* xs[NV];
+  UNROLL
+  for (int j = 0; j < NV; ++j) xs[j] = x + t.in[j];
+  for (int64_t u = 0; u < ncols; ++u) {
+    const int64_t o = offsets[u];
+    vec a[NV];
+    UNROLL
+    for (int j = 0; j < NV; ++j) a[j] = vload(xs[j] + o);
+    if (next) {
+      prefetch(next_first + o);
+      prefetch(next_last + o);
+    }
+    const float* wu = w + u * MR;
+    UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const vec b = vbroadcast(wu + m);
+      UNROLL
+      for (int j = 0; j < NV; ++j) acc[m][j] = vfma(a[j], b, acc[m][j]);
+    }
+  }
+  UNROLL
+  for (int m = 0; m < MR; ++m) {
+    if (m >= filters) break;
+    UNROLL
+    for (int j = 0; j < NV; ++j) {
+      float* p = y + m * filter_stride + t.out[j];
+      const vec v = relu ? vrelu(acc[m][j]) : acc[m][j];
+      if (t.valid[j] == VL) vstore(p, v); else vstore_part(p, v, t.valid[j]);
+    }
+  }
+}
+
+using TileFn = void (*)(const float*, const int64_t*, int64_t, const float*, const Tile&, float*, int64_t, int, bool,
+                        const float*, const Tile*, bool);
+
+template <int MR, int... NV>
+constexpr std::array<TileFn, NV_MAX + 1> tile_table(std::integer_sequence<int, NV...>) {
+  return {nullptr, (NV + 1 <= nv_for(MR) ? &run_tile<MR, (NV + 1 <= nv_for(MR) ? NV + 1 : 1)> : nullptr)...};
+}
+
+const std::array<TileFn, NV_MAX + 1> kTiles[MR_MAX + 1] = {
+    {},
+    tile_table<1>(std::make_integer_sequence<int, NV_MAX>{}),
+    tile_table<2>(std::make_integer_sequence<int, NV_MAX>{}),
+    tile_table<3>(std::make_integer_sequence<int, NV_MAX>{}),
+    tile_table<4>(std::make_integer_sequence<int, NV_MAX>{}),
+};
+
+// Cache blocking, in bytes per core (L2: 512 KiB on AMD Zen 3, 1-2 MiB on recent Intel): a work
+// item's output block (its block rows' filters over its output rows) and the input rows one chunk
+// of channels contributes to it both stay in L2; one block row's part of an output row range is
+// about kRowBudget. Measured on C3D's layers; flat around these.
+constexpr int64_t kRowBudget = 32 << 10;
+constexpr int64_t kOutputBudget = 128 << 10;
+constexpr int64_t kInputBudget = 256 << 10;
+constexpr int64_t kItemsPerThread = 4;   // enough work items for the threads to balance
+constexpr double kMinColumns = 48;       // kept columns per block row and chunk, at least
+constexpr double kMaxColumns = 192;      // and at most: their weights and offsets (40 B a column) stay in
+                                         // L1 while every tile of the item runs over them (C3D's conv5
+                                         // has 5 tiles per item, and a block row 2800 kept columns)
+constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at least (or the plane):
+                                         // shorter runs of input defeat the hardware prefetchers
+
+// --------------------------------------------------------------------------------- the kernel
+
+// A work item: a block of output rows (output planes t0.. and rows h0.. of sample n) for a group of
+// block rows starting at r0.
+struct Item {
+  int64_t r0, n, t0, h0;
+};
+
+struct Plan {
+  int64_t out[3];               // T', H', W'
+  int64_t tp, hp, wq, phases;   // padded input: T, H, columns per phase, phases (= W stride)
+  int64_t tb, hb;               // output planes and rows per work item
+  int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
+  int64_t chunks;               // chunks of input channels
+  at::Tensor padded;            // (N, C, Tp, Hp, phases, Wq) + slack, zero borders written once
+  std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
+  std::vector<int64_t> offsets;       // per packed column: its offset into the padded input
+  std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
+  std::vector<Item> items;            // in order of output blocks
+};
+
+class KGSKernel {
+ public:
+  // `weight` (O, I, kT, kH, kW) float32: its block rows of `block_rows` filters keep the columns any
+  // of their filters uses; zero columns are skipped, so a dense weight runs every column.
+  KGSKernel(at::Tensor weight, std::optional<at::Tensor> bias, int64_t block_rows, std::vector<int64_t> stride,
+            std::vector<int64_t> padding, std::vector<int64_t> dilation, bool relu)
+      : stride_(stride), padding_(padding), dilation_(dilation), relu_(relu) {
+    TORCH_CHECK(weight.dim() == 5 && weight.scalar_type() == at::kFloat, "KGSKernel: weight must be 5-D float32");
+    TORCH_CHECK(stride.size() == 3 && padding.size() == 3 && dilation.size() == 3, "KGSKernel: 3 strides, paddings, "
+                "dilations expected");
+    auto w = weight.contiguous().to(at::kCPU);
+    out_channels_ = w.size(0);
+    in_channels_ = w.size(1);
+    for (int d = 0; d < 3; ++d) kernel_[d] = w.size(d + 2);
+    const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
+    const int64_t ik = in_channels_ * k;
+    gm_ = std::max<int64_t>(1, std::min(block_rows, out_channels_));
+    mr_ = static_cast<int>(std::min<int64_t>(MR_MAX, gm_));
+    groups_ = (gm_ + mr_ - 1) / mr_;
+    const int64_t rows = (out_channels_ + gm_ - 1) / gm_;
+    const float* wp = w.data_ptr<float>();
+    row_start_.assign(rows + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t f0 = r * gm_, f1 = std::min(out_channels_, f0 + gm_);
+      for (int64_t c = 0; c < ik; ++c) {
+        bool kept = false;
+        for (int64_t f = f0; f < f1 && !kept; ++f) kept = wp[f * ik + c] != 0.f;
+        if (kept) columns_.push_back(c);
+      }
+      row_start_[r + 1] = static_cast<int64_t>(columns_.size());
+    }
+    // Weights of block row r: groups of MR filters, each [kept column][MR], beginning at
+    // row_start_[r] * groups_ * MR; filters past the block row (or past O) hold zeros.
+    weights_.assign(columns_.size() * groups_ * mr_, 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
+      for (int64_t g = 0; g < groups_; ++g) {
+        for (int64_t u = 0; u < width; ++u) {
+          for (int m = 0; m < mr_; ++m) {
+            const int64_t local = g * mr_ + m, f = r * gm_ + local;
+            if (local < gm_ && f < out_channels_)
+              weights_[u0 * groups_ * mr_ + (g * width + u) * mr_ + m] = wp[f * ik + columns_[u0 + u]];
+          }
+        }
+      }
+    }
+    if (bias.has_value() && bias->defined()) {
+      auto b = bias->contiguous().to(at::kCPU).to(at::kFloat);
+      bias_.assign(b.data_ptr<float>(), b.data_ptr<float>() + out_channels_);
+    }
+  }
+
+  int64_t kept_columns() const { return static_cast<int64_t>(columns_.size()); }
+
+  // MACs the kernel is asked for per output voxel: kept weights (the tiles' padding excluded).
+  int64_t kept_weights() const {
+    int64_t total = 0;
+    const int64_t rows = static_cast<int64_t>(row_start_.size()) - 1;
+    for (int64_t r = 0; r < rows; ++r)
+      total += (row_start_[r + 1] - row_start_[r]) * (std::min(out_channels_, (r + 1) * gm_) - r * gm_);
+    return total;
+  }
+
+  at::Tensor forward(at::Tensor x) {
+    TORCH_CHECK(x.dim() == 5 && x.size(1) == in_channels_, "KGSKernel: expected (N, ", in_channels_,
+                ", T, H, W) input, got ", x.sizes());
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "KGSKernel: float32 CPU input only");
+    std::lock_guard<std::mutex> guard(lock_);    // the padded workspace is reused call after call
+    Plan& plan = plan_for(x.sizes().vec());
+    auto xc = x.contiguous();
+    fill_padded(xc, plan);
+    const int64_t n = x.size(0);
+    // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
+    const int64_t size = n * out_channels_ * plan.out[0] * plan.out[1] * plan.out[2];
+    auto y = at::empty({size + VL}, x.options());
+    y.narrow(0, size, VL).zero_();
+    compute(plan, y.data_ptr<float>());
+    return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.out[1], plan.out[2]});
+  }
+
+ private:
+  Plan& plan_for(const std::vector<int64_t>& shape) {
+    auto found = plans_.find(shape);
+    if (found != plans_.end()) return found->second;
+    if (plans_.size() >= 2) plans_.erase(plans_.begin());   // the workspaces of two shapes at most
+    Plan p;
+    const int64_t n = shape[0], size[3] = {shape[2], shape[3], shape[4]};
+    for (int d = 0; d < 3; ++d) {
+      p.out[d] = (size[d] + 2 * padding_[d] - dilation_[d] * (kernel_[d] - 1) - 1) / stride_[d] + 1;
+      TORCH_CHECK(p.out[d] >= 1, "KGSKernel: input ", c10::IntArrayRef(shape), " is smaller than the kernel");
+    }
+    p.tp = size[0] + 2 * padding_[0];
+    p.hp = size[1] + 2 * padding_[1];
+    p.phases = stride_[2];
+    p.wq = (size[2] + 2 * padding_[2] + p.phases - 1) / p.phases;
+    const int64_t row = p.phases * p.wq, plane = p.hp * row, channel = p.tp * plane;
+    // Slack past the end: the lanes of a row's last vector beyond the row read (and discard) it.
+    p.padded = at::zeros({n * in_channels_ * channel + 2 * VL + p.wq}, at::kFloat);
+    const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
+    p.offsets.resize(columns_.size());
+    for (size_t u = 0; u < columns_.size(); ++u) {
+      const int64_t c = columns_[u] / k, kk = columns_[u] % k;
+      const int64_t kt = kk / (kernel_[1] * kernel_[2]), kh = kk / kernel_[2] % kernel_[1], kw = kk % kernel_[2];
+      const int64_t w = kw * dilation_[2];
+      p.offsets[u] = c * channel + kt * dilation_[0] * plane + kh * dilation_[1] * row + (w % p.phases) * p.wq +
+                     w / p.phases;
+    }
+    // Work items: a block of output planes x rows (tb x hb) times a group of block rows. A chunk of
+    // input channels should give each block row about kMinColumns kept columns (fewer, and loading
+    // and storing the tiles' sums costs as much as the FMAs: R(2+1)D's 3x1x1 convs keep about one
+    // column per channel), and its input rows for the item should fit kInputBudget: the item's
+    // output rows follow, in the block shape that reads the fewest input rows per output row (taller
+    // for 3x1x1 kernels) with kMinRows rows per plane. Then block rows per item up to kOutputBudget; fewer
+    // rows and block rows while the threads would get fewer than kItemsPerThread items each.
+    const int64_t vectors = (p.out[2] + VL - 1) / VL;
+    const int64_t row_bytes = groups_ * mr_ * vectors * VL * 4;      // one block row, one output row
+    const int64_t rows = static_cast<int64_t>(row_start_.size()) - 1;
+    const int64_t wanted = kItemsPerThread * std::max(1, at::get_num_threads());
+    auto footprint = [&](int64_t tb, int64_t hb) {     // bytes of input rows one channel gives a block
+      const int64_t in_t = std::min(p.tp, (tb - 1) * stride_[0] + (kernel_[0] - 1) * dilation_[0] + 1);
+      const int64_t in_h = std::min(p.hp, (hb - 1) * stride_[1] + (kernel_[1] - 1) * dilation_[1] + 1);
+      return in_t * in_h * row * 4;
+    };
+    auto shape_for = [&](int64_t target) {
+      double best = 0;
+      for (int64_t a = 1; a <= std::min(p.out[0], target); ++a) {
+        const int64_t b = std::min(p.out[1], (target + a - 1) / a);
+        if (a > 1 && b < std::min(p.out[1], kMinRows)) break;
+        const double cost = double(footprint(a, b)) / double(a * b);
+        if (a == 1 || cost < best * 0.999) {
+          best = cost;
+          p.tb = a;
+          p.hb = b;
+        }
+      }
+    };
+    auto count = [&]() {
+      return n * ((p.out[0] + p.tb - 1) / p.tb) * ((p.out[1] + p.hb - 1) / p.hb) *
+             ((rows + p.block_rows_per_item - 1) / p.block_rows_per_item);
+    };
+    const double per_channel = double(columns_.size()) / double(std::max<int64_t>(1, rows * in_channels_));
+    const int64_t min_channels = std::clamp<int64_t>(int64_t(kMinColumns / std::max(per_channel, 1e-3)), 1, in_channels_);
+    int64_t target = std::clamp<int64_t>(kRowBudget / row_bytes, 1, p.out[0] * p.out[1]);
+    shape_for(target);
+    while (target > 1 && min_channels * footprint(p.tb, p.hb) > kInputBudget) shape_for(target = (target + 1) / 2);
+    p.block_rows_per_item = std::clamp<int64_t>(kOutputBudget / (p.tb * p.hb * row_bytes), 1, rows);
+    while (p.block_rows_per_item > 1 && count() < wanted) p.block_rows_per_item = (p.block_rows_per_item + 1) / 2;
+    while (target > 1 && count() < wanted) shape_for(target = (target + 1) / 2);
+    p.tb = (p.out[0] + (p.out[0] + p.tb - 1) / p.tb - 1) / ((p.out[0] + p.tb - 1) / p.tb);    // even sizes
+    p.hb = (p.out[1] + (p.out[1] + p.hb - 1) / p.hb - 1) / ((p.out[1] + p.hb - 1) / p.hb);
+    const int64_t max_channels = std::max<int64_t>(1, int64_t(kMaxColumns / std::max(per_channel, 1e-3)));
+    const int64_t channels_per_chunk =
+        std::clamp<int64_t>(std::min(kInputBudget / footprint(p.tb, p.hb), max_channels), min_channels, in_channels_);
+    p.chunks = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
+    p.chunk_start.resize(rows * (p.chunks + 1));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* first = columns_.data() + row_start_[r];
+      const int64_t* last = columns_.data() + row_start_[r + 1];
+      for (int64_t c = 0; c <= p.chunks; ++c)     // columns are sorted by channel, then kernel offset
+        p.chunk_start[r * (p.chunks + 1) + c] =
+            std::lower_bound(first, last, std::min(c * channels_per_chunk, in_channels_) * k) - columns_.data();
+    }
+    // Items in order of output blocks: the threads work through the same input (in L3); block row
+    // after block row, the whole input would stream from memory once per block row.
+    for (int64_t nn = 0; nn < n; ++nn)
+      for (int64_t t0 = 0; t0 < p.out[0]; t0 += p.tb)
+        for (int64_t h0 = 0; h0 < p.out[1]; h0 += p.hb)
+          for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.push_back({r, nn, t0, h0});
+    // Planes and rows of padded input that outputs read: with strides over 1 and small kernels
+    // (1x1x1 stride 2 reads a quarter of its input) the others need no copy.
+    p.need_t.assign(p.tp, 0);
+    p.need_h.assign(p.hp, 0);
+    for (int64_t t = 0; t < p.out[0]; ++t)
+      for (int64_t kt = 0; kt < kernel_[0]; ++kt) p.need_t[t * stride_[0] + kt * dilation_[0]] = 1;
+    for (int64_t h = 0; h < p.out[1]; ++h)
+      for (int64_t kh = 0; kh < kernel_[1]; ++kh) p.need_h[h * stride_[1] + kh * dilation_[1]] = 1;
+    return plans_.emplace(shape, std::move(p)).first->second;
+  }
+
+  void fill_padded(const at::Tensor& x, Plan& p) const {
+    const int64_t n = x.size(0), t = x.size(2), h = x.size(3), w = x.size(4);
+    const int64_t row = p.phases * p.wq, plane = p.hp * row, channel = p.tp * plane;
+    const float* src = x.data_ptr<float>();
+    float* dst = p.padded.data_ptr<float>();
+    const int64_t s = p.phases, pw = padding_[2];
+    at::parallel_for(0, n * in_channels_ * t, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t nc = i / t, tt = i % t;
+        if (!p.need_t[tt + padding_[0]]) continue;
+        for (int64_t hh = 0; hh < h; ++hh) {
+          if (!p.need_h[hh + padding_[1]]) continue;
+          const float* in = src + (i * h + hh) * w;
+          float* out = dst + nc * channel + (tt + padding_[0]) * plane + (hh + padding_[1]) * row;
+          if (s == 1) {
+            std::memcpy(out + pw, in, w * sizeof(float));
+            continue;
+          }
+          for (int64_t phase = 0; phase < s; ++phase) {     // padded column phase + j * s -> phase row, j
+            float* to = out + phase * p.wq;
+            for (int64_t j = std::max<int64_t>(0, (pw - phase + s - 1) / s); phase + j * s - pw < w; ++j)
+              to[j] = in[phase + j * s - pw];
+          }
+        }
+      }
+    });
+  }
+
+  void compute(const Plan& p, float* y) const {
+    const float* x = p.padded.data_ptr<float>();
+    const int64_t hw = p.out[1] * p.out[2], volume = p.out[0] * hw;
+    const int64_t row = p.phases * p.wq, plane = p.hp * row, channel = p.tp * plane;
+    const int64_t sample_in = in_channels_ * channel, sample_out = out_channels_ * volume;
+    const int64_t vectors = (p.out[2] + VL - 1) / VL;
+    const int nv = nv_for(mr_);
+    std::atomic<int64_t> next{0};
+    const int64_t items = static_cast<int64_t>(p.items.size());
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      std::vector<Tile> tiles;
+      for (int64_t i = next++; i < items; i = next++) {
+        const Item item = p.items[i];
+        const int64_t r0 = item.r0;
+        // The tiles of this item: its rows' vectors, NV at a time (a tile may span rows).
+        tiles.clear();
+        Tile t{};
+        for (int64_t tt = item.t0; tt < std::min(p.out[0], item.t0 + p.tb); ++tt) {
+          for (int64_t hh = item.h0; hh < std::min(p.out[1], item.h0 + p.hb); ++hh) {
+            const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row;
+            const int64_t out = item.n * sample_out + tt * hw + hh * p.out[2];
+            for (int64_t v = 0; v < vectors; ++v) {
+              t.in[t.count] = in + v * VL;
+              t.out[t.count] = out + v * VL;
+              t.valid[t.count] = static_cast<int>(std::min<int64_t>(VL, p.out[2] - v * VL));
+              if (++t.count == nv) {
+                tiles.push_back(t);
+                t = Tile{};
+              }
+            }
+          }
+        }
+        if (t.count) tiles.push_back(t);
+        const int64_t last_block_row = std::min<int64_t>(row_start_.size() - 1, r0 + p.block_rows_per_item);
+        for (int64_t r = r0; r < last_block_row; ++r) {
+          if (row_start_[r + 1] > row_start_[r]) continue;
+          for (int64_t g = 0; g < groups_; ++g) {     // a block row that keeps nothing: its outputs are the bias
+            const int64_t f = r * gm_ + g * mr_;
+            const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
+            if (filters <= 0) continue;
+            const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
+            for (const Tile& tile : tiles)
+              kTiles[mr_][tile.count](x, nullptr, 0, nullptr, tile, y + f * volume, volume, filters, true, bias,
+                                      nullptr, relu_);
+          }
+        }
+        // Chunk by chunk of input channels, every block row of the item runs its columns there.
+        for (int64_t c = 0; c < p.chunks; ++c) {
+          for (int64_t r = r0; r < last_block_row; ++r) {
+            const int64_t a = p.chunk_start[r * (p.chunks + 1) + c], b = p.chunk_start[r * (p.chunks + 1) + c + 1];
+            if (a == b) continue;
+            const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
+            const bool first = a == u0;            // the block row's first chunk with columns writes, not adds
+            const bool relu = relu_ && b == row_start_[r + 1];     // and its last applies the fused ReLU
+            for (size_t ti = 0; ti < tiles.size(); ++ti) {
+              const Tile& tile = tiles[ti];
+              const Tile* next = ti + 1 < tiles.size() ? &tiles[ti + 1] : nullptr;
+              for (int64_t g = 0; g < groups_; ++g) {
+                const int64_t f = r * gm_ + g * mr_;
+                const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
+                if (filters <= 0) continue;
+                const float* wg = weights_.data() + u0 * groups_ * mr_ + (g * width + (a - u0)) * mr_;
+                const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
+                kTiles[mr_][tile.count](x, p.offsets.data() + a, b - a, wg, tile, y + f * volume, volume, filters,
+                                        first, bias, g == 0 ? next : nullptr, relu);
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+  int64_t out_channels_ = 0, in_channels_ = 0, kernel_[3] = {1, 1, 1};
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t gm_ = 1, groups_ = 1;
+  int mr_ = 1;
+  bool relu_ = false;            // the ReLU after the conv, applied as the outputs are stored
+  std::vector<int64_t> columns_, row_start_;
+  std::vector<float> weights_, bias_;
+  std::map<std::vector<int64_t>, Plan> plans_;
+  std::mutex lock_;
+};
+
+// Max pooling without indices (PyTorch's CPU max_pool3d computes them even for inference, and spends
+// about ten times a pass over memory on C3D's pool1). Per output row: the max over the kernel's
+// (T, H) rows of input into one row (contiguous, vectorised), then the windows along W. NaN wins,
+// as in PyTorch. Padding only ever widens windows that hold at least one input element.
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 5 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "max_pool3d: (N, C, T, H, W) float32 CPU input expected, got ", x.sizes());
+  x = x.contiguous();
+  const int64_t nc = x.size(0) * x.size(1), size[3] = {x.size(2), x.size(3), x.size(4)};
+  int64_t out[3];
+  for (int d = 0; d < 3; ++d) {
+    out[d] = (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out[d] >= 1, "max_pool3d: input ", x.sizes(), " is smaller than the kernel");
+  }
+  auto y = at::empty({x.size(0), x.size(1), out[0], out[1], out[2]}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const int64_t w = size[2];
+  // The row buffer holds -inf in W's padding on both sides: windows need no bounds checks.
+  const int64_t pw = padding[2], width = std::max(w + 2 * pw, (out[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1);
+  const bool pairs = kernel[2] == 2 && stride[2] == 2 && dilation[2] == 1;
+  at::parallel_for(0, nc * out[0], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(width, -std::numeric_limits<float>::infinity());
+    float* line = buffer.data() + pw;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t plane = i / out[0], t = i % out[0];
+      for (int64_t h = 0; h < out[1]; ++h) {
+        bool any = false;
+        for (int64_t kt = 0; kt < kernel[0]; ++kt) {
+          const int64_t ti = t * stride[0] - padding[0] + kt * dilation[0];
+          if (ti < 0 || ti >= size[0]) continue;
+          for (int64_t kh = 0; kh < kernel[1]; ++kh) {
+            const int64_t hi = h * stride[1] - padding[1] + kh * dilation[1];
+            if (hi < 0 || hi >= size[1]) continue;
+            const float* in = src + ((plane * size[0] + ti) * size[1] + hi) * w;
+            if (!any) {
+              std::memcpy(line, in, w * sizeof(float));
+              any = true;
+            } else {
+              for (int64_t j = 0; j < w; ++j) line[j] = nan_max(line[j], in[j]);
+            }
+          }
+        }
+        if (!any) std::fill(line, line + w, -std::numeric_limits<float>::infinity());
+        float* o = dst + (i * out[1] + h) * out[2];
+        const float* first = buffer.data();
+        if (pairs) {               // C3D's pools: windows of 2 at stride 2, which the compiler vectorises
+          for (int64_t j = 0; j < out[2]; ++j) o[j] = nan_max(first[2 * j], first[2 * j + 1]);
+          continue;
+        }
+        for (int64_t j = 0; j < out[2]; ++j) {
+          const float* window = first + j * stride[2];
+          float m = window[0];
+          for (int64_t kw = 1; kw < kernel[2]; ++kw) m = nan_max(m, window[kw * dilation[2]]);
+          o[j] = m;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Register-only FMA loop: 12 independent accumulators cover the FMA latency (4-5 cycles) at two
+// FMAs per cycle; returns GMAC/s over `threads` threads (best of `repeats`).
+constexpr int64_t kPeakIterations = 4 << 20;
+
+double fma_peak_gmacs(int64_t threads, int64_t repeats) {
+  const int64_t iterations = kPeakIterations;
+  auto body = [iterations](float* sink) {
+    vec acc[12];
+    for (int i = 0; i < 12; ++i) acc[i] = vset(1.f + i * 1e-3f);
+    const vec a = vset(0.999999f), b = vset(1e-7f);
+    for (int64_t it = 0; it < iterations; ++it) {
+      UNROLL
+      for (int i = 0; i < 12; ++i) acc[i] = vfma(acc[i], a, b);
+    }
+    vec s = acc[0];
+    for (int i = 1; i < 12; ++i) s = vfma(acc[i], vset(1.f), s);
+    float out[VL];
+    vstore(out, s);
+    *sink = out[0];
+  };
+  double best = 0;
+  std::vector<float> sinks(threads);
+  for (int64_t rep = 0; rep < repeats; ++rep) {
+    std::vector<std::thread> pool;
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t t = 0; t < threads; ++t) pool.emplace_back(body, &sinks[t]);
+    for (auto& th : pool) th.join();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, double(threads) * iterations * 12 * VL / seconds / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = ISA;
+  m.attr("lanes") = VL;
+  m.attr("fma_loop_macs") = kPeakIterations * 12 * VL;    // one thread's MACs in one run of the peak loop
+  m.def("fma_peak_gmacs", &fma_peak_gmacs, "measured FMA throughput, GMAC/s", py::arg("threads"),
+        py::arg("repeats") = 3);
+  m.def("max_pool3d", &max_pool3d, "max pooling without indices", py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
+  py::class_<KGSKernel>(m, "KGSKernel")
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, int64_t, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<int64_t>, bool>(),
+           py::arg("weight"), py::arg("bias"), py::arg("block_rows"), py::arg("stride"), py::arg("padding"),
+           py::arg("dilation"), py::arg("relu") = false)
+      .def("forward", &KGSKernel::forward, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("kept_columns", &KGSKernel::kept_columns)
+      .def_property_readonly("kept_weights", &KGSKernel::kept_weights);
+}

@@ -1,0 +1,157 @@
+"""The compiled KGS convolution for the CPU (models/csrc/kgs_cpu.cpp), built at first use.
+
+    from models import kgs_cpu
+    if kgs_cpu.available():
+        kernel = kgs_cpu.pack(conv.weight, block_rows=8, bias=conv.bias, stride=1, padding=1)
+        y = kgs_cpu.conv(x, kernel)                  # == F.conv3d(x, conv.weight, conv.bias, 1, 1)
+    else:
+        print(kgs_cpu.why_unavailable())
+
+The C++ source is compiled once per source version and instruction set by
+`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja) and cached in PyTorch's
+extensions folder (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions). The instruction set
+follows this CPU: AVX-512, AVX2 + FMA, or portable C++ (`RT3D_KGS_ISA=avx512|avx2|portable`
+overrides it). `RT3D_NO_COMPILED_KGS=1` turns the compiled path off. docs/kgs_kernel.md has the design.
+"""
+import hashlib
+import logging
+import os
+import threading
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'kgs_cpu.cpp')
+FLAGS = {'avx512': ['-mavx512f', '-mavx2', '-mfma'], 'avx2': ['-mavx2', '-mfma'], 'portable': []}
+
+_state = {}              # 'module' or 'error', once tried
+_build_lock = threading.Lock()
+_peaks = {}
+
+
+def isa():
+    """The instruction set the kernel is built for: `RT3D_KGS_ISA` if set, else the best this CPU has."""
+    forced = os.environ.get('RT3D_KGS_ISA', '').strip().lower()
+    if forced:
+        if forced not in FLAGS:
+            raise ValueError(f"RT3D_KGS_ISA={forced!r}: choose one of {', '.join(FLAGS)}")
+        return forced
+    capability = torch.backends.cpu.get_cpu_capability()     # what ATen detected: AVX512 needs F, BW, VL, DQ
+    return {'AVX512': 'avx512', 'AVX2': 'avx2'}.get(capability, 'portable')
+
+
+def _disabled():
+    return os.environ.get('RT3D_NO_COMPILED_KGS', '').strip() not in ('', '0')
+
+
+def _load():
+    """The compiled extension, building it on first use; None (and the reason kept) if it cannot be had."""
+    if _disabled():
+        return None
+    if 'module' in _state or 'error' in _state:
+        return _state.get('module')
+    with _build_lock:
+        if 'module' in _state or 'error' in _state:
+            return _state.get('module')
+        try:
+            target = isa()
+            with open(SOURCE, 'rb') as f:
+                digest = hashlib.sha256(f.read() + ' '.join(FLAGS[target]).encode()).hexdigest()[:12]
+            quiet = logging.getLogger('torch.utils.cpp_extension')      # its import warns about CUDA_HOME
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                quiet.setLevel(level)
+            start = time.perf_counter()
+            module = cpp_extension.load(name=f'rt3d_kgs_cpu_{target}_{digest}', sources=[SOURCE],
+                                        extra_cflags=['-O3', *FLAGS[target]], verbose=False)
+            seconds = time.perf_counter() - start
+            if seconds > 1:
+                log.info(f"compiled KGS kernel ({target}) built in {seconds:.0f} s")
+            _state['module'] = module
+        except Exception as exc:          # no compiler, no ninja, a failed build: the torch path runs instead
+            log.debug(f"building {SOURCE} failed:\n{exc}")
+            _state['error'] = f"the C++ extension could not be built: {_first_error(exc)}"
+    return _state.get('module')
+
+
+def _first_error(exc):
+    """The line of a build failure that says what went wrong (the compiler's first error), not ninja's last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marks in (('error:', 'fatal error'), ('not found', 'no such file', 'required', 'error')):
+        found = [line for line in lines if any(m in line.lower() for m in marks)]
+        if found:
+            return found[0][:300]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def available():
+    """True when the compiled kernel can run here (built now if needed)."""
+    return _load() is not None
+
+
+def why_unavailable():
+    """Why the compiled kernel cannot run (no compiler, build failed, disabled), or None if it can."""
+    if _disabled():
+        return 'disabled by the environment variable RT3D_NO_COMPILED_KGS'
+    _load()
+    return _state.get('error')
+
+
+def log_unavailable_once():
+    """One log line per process saying why the compiled kernel cannot run (its callers then use torch ops)."""
+    if not _state.get('logged'):
+        _state['logged'] = True
+        log.warning(f"compiled KGS kernel not available ({why_unavailable()}): KGS layers run as KGSConv3d "
+                    f"(torch ops)")
+
+
+def fma_peak_gmacs(threads=None, cached=True):
+    """Measured FMA peak of this CPU in GMAC/s: a register-only FMA loop (about 10 ms) on `threads`
+    threads (default torch.get_num_threads()), best of three; cached per thread count unless not `cached`
+    (then one run, for benchmarks that measure it between their own runs on a busy machine)."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"fma_peak_gmacs needs the compiled kernel: {why_unavailable()}")
+    threads = int(threads or torch.get_num_threads())
+    if not cached:
+        return module.fma_peak_gmacs(threads, 1)
+    if threads not in _peaks:
+        _peaks[threads] = module.fma_peak_gmacs(threads, 3)
+    return _peaks[threads]
+
+
+def _triple(v):
+    return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * 3
+
+
+def pack(weight, block_rows, bias=None, stride=1, padding=0, dilation=1, relu=False):
+    """The kernel for one Conv3d: the kept columns of each block of `block_rows` filters of `weight`
+    (O, I, kT, kH, kW) and their weights, packed for the tiles. Zero columns are never run. `relu`:
+    the ReLU that follows the conv is applied as the outputs are stored."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the compiled KGS kernel is not available: {why_unavailable()}")
+    weight = weight.detach().to('cpu', torch.float32)
+    bias = None if bias is None else bias.detach().to('cpu', torch.float32)
+    return module.KGSKernel(weight, bias, int(block_rows), _triple(stride), _triple(padding), _triple(dilation),
+                            bool(relu))
+
+
+def conv(x, kernel):
+    """The convolution of `x` (N, I, T, H, W), float32 on the CPU, by a kernel from `pack`."""
+    return kernel.forward(x)
+
+
+def max_pool3d(x, kernel_size, stride=None, padding=0, dilation=1):
+    """`F.max_pool3d(x, ...)` (floor mode, no indices) of a float32 CPU input, by the compiled kernel."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the compiled kernel is not available: {why_unavailable()}")
+    kernel_size = _triple(kernel_size)
+    stride = kernel_size if stride is None else _triple(stride)
+    return module.max_pool3d(x, kernel_size, stride, _triple(padding), _triple(dilation))

@@ -1,0 +1,427 @@
+"""The compiled KGS kernel (models/kgs_cpu.py): equal to the dense conv of the pruned weight for every
+layer shape the models use and odd ones, on 1 and 2 threads; CompiledKGSConv3d in whole models; and
+the fallback to the torch path, with the reason logged, when the kernel is disabled or cannot be built."""
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import admm
+from models import build_model, kgs_cpu
+from models.slim import faster_model, load_model, save_model
+from models.sparse_conv import CompiledKGSConv3d, CompiledMaxPool3d, KGSConv3d, sparse_exec
+
+needs_kernel = pytest.mark.skipif(not kgs_cpu.available(), reason=f"no compiled kernel: {kgs_cpu.why_unavailable()}")
+
+
+def assert_exact(y, ref):
+    """float32 sums in another order than float64's: a few ulps of the largest output."""
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+def reference(x, weight, bias, stride, padding, dilation):
+    return F.conv3d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation)
+
+
+def kgs_weight(o, i, kernel, block=(8, 4), ratio=0.6, seed=0):
+    torch.manual_seed(seed)
+    kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    return admm.project(torch.randn(o, i, *kernel), ratio, 'blk-kgs', block)
+
+
+@pytest.fixture(params=[1, 2], ids=['1 thread', '2 threads'])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_the_kernel_builds_where_a_compiler_and_ninja_are_found(monkeypatch):
+    monkeypatch.delenv('RT3D_NO_COMPILED_KGS', raising=False)
+    compiler = shutil.which('c++') or shutil.which('g++') or shutil.which('clang++')
+    if compiler and shutil.which('ninja'):
+        assert kgs_cpu.available(), kgs_cpu.why_unavailable()
+        assert kgs_cpu.why_unavailable() is None
+    else:
+        assert not kgs_cpu.available() and 'could not be built' in kgs_cpu.why_unavailable()
+
+
+def test_the_instruction_set_follows_the_cpu_unless_forced(monkeypatch):
+    monkeypatch.delenv('RT3D_KGS_ISA', raising=False)
+    expected = {'AVX512': 'avx512', 'AVX2': 'avx2'}.get(torch.backends.cpu.get_cpu_capability(), 'portable')
+    assert kgs_cpu.isa() == expected
+    monkeypatch.setenv('RT3D_KGS_ISA', 'Portable')
+    assert kgs_cpu.isa() == 'portable'
+    monkeypatch.setenv('RT3D_KGS_ISA', 'sse9')
+    with pytest.raises(ValueError, match='RT3D_KGS_ISA'):
+        kgs_cpu.isa()
+
+
+# (out, in, kernel, stride, padding, dilation, input (N, I, T, H, W)): the models' conv shapes, small
+# spatially, with O and I not multiples of the block, and odd sizes around the vector width (8 or 16).
+SHAPES = {
+    'c3d 3x3x3': (13, 6, 3, 1, 1, 1, (2, 6, 5, 9, 7)),
+    'c3d 3x3x3, rows of 28 (3.5 vectors)': (16, 8, 3, 1, 1, 1, (1, 8, 3, 4, 28)),
+    'c3d 3x3x3, rows of exactly 16': (8, 4, 3, 1, 1, 1, (1, 4, 2, 3, 16)),
+    'r2+1d stem 1x7x7 stride 2': (45, 3, (1, 7, 7), (1, 2, 2), (0, 3, 3), 1, (1, 3, 3, 16, 15)),
+    'r2+1d spatial 1x3x3 stride 2': (16, 7, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 7, 4, 9, 9)),
+    'r2+1d temporal 3x1x1 stride 2': (10, 9, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, (1, 9, 7, 5, 6)),
+    'r2+1d downsample 1x1x1 stride 2': (9, 5, 1, 2, 0, 1, (3, 5, 5, 7, 7)),
+    's3d 1x1x1': (11, 10, 1, 1, 0, 1, (2, 10, 3, 5, 4)),
+    's3d conv1 3x7x7 stride 2': (8, 3, (3, 7, 7), (1, 2, 2), (1, 3, 3), 1, (1, 3, 4, 16, 15)),
+    's3d separable 1x3x3 then 3x1x1': (12, 9, (1, 3, 3), 1, (0, 1, 1), 1, (1, 9, 3, 6, 5)),
+    'one frame (T=1)': (10, 6, 3, 1, 1, 1, (2, 6, 1, 5, 5)),
+    'one voxel': (9, 4, 3, 1, 1, 1, (1, 4, 1, 1, 1)),
+    'no padding, output 1x1x1': (6, 5, 3, 1, 0, 1, (1, 5, 3, 3, 3)),
+    'dilated, no padding in T': (12, 4, 3, 1, (0, 2, 2), 2, (1, 4, 7, 8, 8)),
+    'W stride 3, dilation 2': (7, 5, 3, (1, 2, 3), (1, 2, 4), (1, 1, 2), (2, 5, 5, 11, 13)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize('gm', [1, 3, 8, 64])
+def test_compiled_kernel_equals_the_dense_conv_of_the_pruned_weight(shape, gm, threads):
+    o, i, k, s, p, d, x_shape = SHAPES[shape]
+    weight = kgs_weight(o, i, k, block=(gm, 2))
+    bias = torch.randn(o)
+    x = torch.randn(x_shape)
+    kernel = kgs_cpu.pack(weight, gm, bias, s, p, d)
+    assert_exact(kgs_cpu.conv(x, kernel), reference(x, weight, bias, s, p, d))
+    assert_exact(kgs_cpu.conv(x, kernel), reference(x, weight, bias, s, p, d))   # the cached plan again
+
+
+@needs_kernel
+def test_a_fused_relu_is_applied_once_after_the_last_chunk_of_every_block_row(threads):
+    weight = kgs_weight(24, 64, 3, ratio=0.5)
+    weight[8:16] = 0                                   # a block row of bias only: ReLU of the bias
+    bias = torch.randn(24)
+    bias[3] = float('nan')                             # (a NaN input would reach only the kept columns' outputs)
+    x = torch.randn(1, 64, 3, 6, 11)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, 1, 1, relu=True)
+    y, ref = kgs_cpu.conv(x, kernel), torch.relu(reference(x, weight, bias, 1, 1, 1))
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())   # NaN stays NaN, as torch.relu
+    assert_exact(y.nan_to_num(0.5), ref.nan_to_num(0.5))
+    assert bool((y[0, 8:16] == bias[8:16].clamp(min=0).view(8, 1, 1, 1)).all())
+    assert bool(y[0, 3].isnan().all())
+
+
+@needs_kernel
+def test_kernel_without_bias_with_strided_input_and_changing_shapes(threads):
+    weight = kgs_weight(20, 8, 3)
+    kernel = kgs_cpu.pack(weight, 8, None, 1, 1, 1)
+    for shape in [(1, 8, 4, 8, 8), (3, 8, 5, 6, 7), (1, 8, 4, 8, 8), (2, 8, 4, 4, 20)]:
+        x = torch.randn(shape)
+        assert_exact(kgs_cpu.conv(x, kernel), reference(x, weight, None, 1, 1, 1))
+    x = torch.randn(2, 6, 8, 9, 8).transpose(1, 4)[:, :, :5]           # (2, 8, 5, 9, 8), not contiguous
+    assert_exact(kgs_cpu.conv(x, kernel), reference(x, weight, None, 1, 1, 1))
+    x = torch.randn(2, 8, 4, 6, 6).to(memory_format=torch.channels_last_3d)
+    assert_exact(kgs_cpu.conv(x, kernel), reference(x, weight, None, 1, 1, 1))
+
+
+@needs_kernel
+def test_block_rows_that_keep_nothing_give_their_bias_and_a_dense_weight_runs_whole(threads):
+    weight = kgs_weight(24, 8, 3)
+    weight[8:16] = 0                                   # one whole block row pruned
+    weight[20:] = 0                                    # and half of the last one
+    bias = torch.randn(24)
+    x = torch.randn(1, 8, 4, 6, 9)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, 1, 1)
+    y = kgs_cpu.conv(x, kernel)
+    assert_exact(y, reference(x, weight, bias, 1, 1, 1))
+    assert torch.equal(y[0, 8:16], bias[8:16].view(8, 1, 1, 1).expand(8, 4, 6, 9))
+    dense = torch.randn(16, 5, 3, 3, 3)
+    kernel = kgs_cpu.pack(dense, 8, None, 1, 1, 1)
+    assert kernel.kept_columns == 2 * 5 * 27
+    assert_exact(kgs_cpu.conv(x[:, :5], kernel), reference(x[:, :5], dense, None, 1, 1, 1))
+
+
+def test_the_kernel_runs_exactly_the_kept_columns_of_each_block_row():
+    if not kgs_cpu.available():
+        pytest.skip(kgs_cpu.why_unavailable())
+    weight = kgs_weight(21, 12, 3, block=(8, 4), ratio=0.7)
+    kernel = kgs_cpu.pack(weight, 8, None, 1, 1, 1)
+    columns = weights = 0
+    for first in range(0, 21, 8):                     # the rule written out: a column is kept if any filter uses it
+        rows = weight[first:first + 8].reshape(len(weight[first:first + 8]), -1)
+        kept = int((rows != 0).any(dim=0).sum())
+        columns += kept
+        weights += kept * rows.shape[0]
+    assert kernel.kept_columns == columns and kernel.kept_weights == weights
+    assert weights < 0.5 * weight.numel()
+
+
+@needs_kernel
+def test_fma_peak_is_measured_and_cached():
+    peak = kgs_cpu.fma_peak_gmacs(1)
+    assert peak > 0.5                                   # any CPU of the last 20 years does far more
+    assert kgs_cpu.fma_peak_gmacs(1) == peak
+    assert kgs_cpu.fma_peak_gmacs() == kgs_cpu.fma_peak_gmacs(torch.get_num_threads())
+
+
+POOLS = {   # kernel, stride, padding, input: C3D's pools (pool5 padded), S3D's, and odd sizes
+    'c3d pool1 (1,2,2)': ((1, 2, 2), (1, 2, 2), 0, (1, 4, 3, 10, 12)),
+    'c3d pool2 2': (2, 2, 0, (2, 5, 5, 9, 9)),
+    'c3d pool5 2, padding (0,1,1)': (2, 2, (0, 1, 1), (1, 8, 2, 7, 7)),
+    's3d pool1 (1,3,3) stride (1,2,2)': ((1, 3, 3), (1, 2, 2), (0, 1, 1), (2, 5, 4, 15, 16)),
+    's3d branch4 3, stride 1, padding 1': (3, 1, 1, (1, 6, 4, 5, 5)),
+    's3d pool4 2, stride (1,2,2)': (2, (1, 2, 2), 0, (1, 4, 4, 8, 8)),
+    'one row, padded all round': (3, 1, 1, (1, 2, 3, 1, 5)),
+    'padding in T and W only': (3, 1, (1, 0, 1), (1, 2, 3, 4, 5)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize('pool', POOLS, ids=list(POOLS))
+def test_compiled_max_pool_equals_pytorch_s_nan_included(pool, threads):
+    kernel, stride, padding, shape = POOLS[pool]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x.view(-1)[::37] = float('nan')                    # a NaN in a window wins, as in PyTorch
+    x.view(-1)[5::41] = float('-inf')
+    y, ref = kgs_cpu.max_pool3d(x, kernel, stride, padding), F.max_pool3d(x, kernel, stride, padding)
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())
+    assert torch.equal(y.nan_to_num(0.5), ref.nan_to_num(0.5))
+
+
+# ----------------------------------------------------------------------------- the module in models
+
+def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):
+    torch.manual_seed(seed)
+    conv = nn.Conv3d(i, o, kernel, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(admm.project(conv.weight, ratio, 'blk-kgs', block))
+    return conv
+
+
+@needs_kernel
+def test_compiled_module_equals_the_conv_and_rebuilds_when_its_weights_change():
+    conv = pruned_conv(20, 12, 3, padding=1)
+    module = CompiledKGSConv3d.from_conv(conv, 8)
+    x = torch.randn(2, 12, 4, 7, 9)
+    with torch.no_grad():
+        assert_exact(module(x), reference(x, conv.weight, conv.bias, 1, 1, 1))
+        kernel = module._kernel()
+        other = pruned_conv(20, 12, 3, padding=1, seed=5)
+        module.load_state_dict(CompiledKGSConv3d.from_conv(other, 8).state_dict())
+        assert module._kernel() is not kernel
+        assert_exact(module(x), reference(x, other.weight, other.bias, 1, 1, 1))
+
+
+@needs_kernel
+def test_compiled_module_with_gradients_or_copies_runs_as_kgsconv3d():
+    conv = pruned_conv(12, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+    module = CompiledKGSConv3d.from_conv(conv, 4)
+    x = torch.randn(2, 8, 3, 9, 9, requires_grad=True)
+    y = module(x)                                      # with gradients: the portable torch form
+    assert y.grad_fn is not None
+    assert_exact(y.detach(), reference(x.detach(), conv.weight.detach(), conv.bias.detach(), (1, 2, 2), (0, 1, 1), 1))
+    with torch.no_grad():
+        ref = module(x)
+        twin = copy.deepcopy(module)
+        assert_exact(twin(x), ref)
+    meta = copy.deepcopy(module).to('meta')
+    assert meta(torch.empty(2, 8, 3, 9, 9, device='meta')).shape == (2, 12, 3, 5, 5)
+
+
+def trained_looking(model):
+    """Non-zero biases and BatchNorm statistics, as after training (so folding BatchNorms changes weights)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.5)
+            elif isinstance(m, nn.Conv3d) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+ARCHS = {'c3d': ((1, 3, 16, 32, 32), 'c3d_3.57x', {'crop_size': 32}),
+         'r2+1d': ((2, 3, 8, 32, 32), 'r2+1d-pretrained_3.20x', {}),
+         's3d': ((1, 3, 4, 32, 32), 's3d_2.09x', {})}
+
+
+@needs_kernel
+@pytest.mark.parametrize('arch', ARCHS)
+def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_outputs(arch, tmp_path):
+    clip, profile, geometry = ARCHS[arch]
+    torch.manual_seed(0)
+    model = trained_looking(build_model(arch, 5, **geometry))
+    ratios = admm.load_profile(profile, model)
+    admm.hard_prune(model, ratios, 'blk-kgs', (8, 4))
+    x = torch.randn(clip)
+    with torch.no_grad():
+        ref = model(x)
+        fast, report = faster_model(copy.deepcopy(model), arch, 'blk-kgs', (8, 4))
+        y = fast(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+    compiled = {n for n, row in report['kgs'].items() if row['path'] == 'compiled'}
+    assert compiled and compiled <= {n[:-len('.weight')] for n in ratios}
+    assert all(type(fast.get_submodule(n)) is CompiledKGSConv3d for n in compiled)
+    pools = [n for n, m in model.named_modules() if isinstance(m, nn.MaxPool3d)]
+    assert report['pools'] == pools and all(type(fast.get_submodule(n)) is CompiledMaxPool3d for n in pools)
+    batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)]
+    assert sorted(report['folded']) == sorted(batchnorms)      # each follows a conv in these three models
+    assert bool(report['relu_fused']) == (arch == 'r2+1d')     # only R(2+1)D's ReLUs sit in Sequentials
+    save_model(fast, tmp_path / 'fast.pt', arch, 5, **geometry)
+    loaded = load_model(tmp_path / 'fast.pt')
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+@needs_kernel
+def test_relus_after_compiled_convs_in_sequentials_are_fused_and_still_applied_without_the_kernel(monkeypatch):
+    from models.slim import fuse_relu
+    from models.sparse_conv import dense_exec
+    model = nn.Sequential(pruned_conv(16, 8, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True),
+                          nn.Sequential(pruned_conv(12, 16, (3, 1, 1), padding=(1, 0, 0), seed=1)), nn.ReLU(),
+                          nn.ReLU(), nn.Conv3d(12, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 8, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    sparse_exec(model, (8, 4), min_speedup=0)
+    assert fuse_relu(model) == ['2', '4']              # not the second ReLU in a row, nor after a dense conv
+    assert model[0].relu and model[3][0].relu and isinstance(model[4], nn.Identity)
+    assert isinstance(model[5], nn.ReLU) and isinstance(model[7], nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+        monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')        # the torch path applies it too
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='ReLU'):
+        dense_exec(model)
+
+
+@needs_kernel
+def test_saved_compiled_model_reloads_compiled_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = build_model('c3d', 5, crop_size=32).eval()
+    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (8, 4))
+    sparse_exec(model, (8, 4), min_speedup=0)
+    save_model(model, tmp_path / 'm.pt', 'c3d', 5, crop_size=32)
+    torch.load(tmp_path / 'm.pt', weights_only=True)
+    loaded = load_model(tmp_path / 'm.pt')
+    assert type(loaded.conv3b) is CompiledKGSConv3d
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.conv3b._compiled[1] is not None          # it ran compiled
+
+
+@needs_kernel
+def test_measured_choice_may_run_an_unpruned_conv_compiled_and_keeps_its_reason():
+    def model():
+        return nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
+                             pruned_conv(16, 16, 3, ratio=0.8, padding=1)).eval()
+    converted, x = model(), torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        ref = converted(x)
+    report = sparse_exec(converted, (8, 4), min_speedup=0, example_input=x, reps=1)
+    assert report['0']['path'] == 'compiled' and report['0']['reason'] == 'no zeros'
+    assert report['2']['path'] == 'compiled' and report['2']['measured_speedup'] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)
+    report = sparse_exec(model(), (8, 4), min_speedup=1e9, example_input=x, reps=1)
+    assert [row['path'] for row in report.values()] == ['dense', 'dense']
+    assert report['0']['reason'] == 'no zeros' and 'measured' in report['2']['reason']
+
+
+# ----------------------------------------------------------------------------- the fallback
+
+def test_disabled_by_the_environment_the_torch_path_runs_and_says_why(monkeypatch, caplog):
+    monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
+    assert not kgs_cpu.available()
+    assert 'RT3D_NO_COMPILED_KGS' in kgs_cpu.why_unavailable()
+    torch.manual_seed(0)
+    model = build_model('c3d', 5, crop_size=32).eval()
+    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (8, 4))
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    with caplog.at_level(logging.INFO, logger='models'):
+        report = sparse_exec(model, (8, 4), min_speedup=0)
+    said = [r.getMessage() for r in caplog.records if 'not available' in r.getMessage()]
+    assert len(said) == 1 and 'RT3D_NO_COMPILED_KGS' in said[0]
+    assert report['conv3b']['path'] == 'kgs' and type(model.conv3b) is KGSConv3d
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_a_compiled_module_loaded_where_the_kernel_is_disabled_runs_the_torch_path(monkeypatch, caplog):
+    conv = pruned_conv(16, 8, 3, padding=1)
+    module = CompiledKGSConv3d.from_conv(conv, 8)
+    monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
+    monkeypatch.setitem(kgs_cpu._state, 'logged', False)
+    x = torch.randn(1, 8, 4, 6, 6)
+    with caplog.at_level(logging.WARNING, logger='models'), torch.no_grad():
+        y, again = module(x), module(x)
+    torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(y, again)
+    said = [r.getMessage() for r in caplog.records if 'not available' in r.getMessage()]
+    assert len(said) == 1 and 'RT3D_NO_COMPILED_KGS' in said[0]        # once per process, not per call
+
+
+def test_compiled_pools_run_as_max_pool_where_the_kernel_is_disabled_or_gradients_flow(monkeypatch):
+    pool = CompiledMaxPool3d(2, 2, (0, 1, 1))
+    x = torch.randn(1, 4, 4, 7, 7, requires_grad=True)
+    y = pool(x)
+    assert y.grad_fn is not None and torch.equal(y, F.max_pool3d(x, 2, 2, (0, 1, 1)))
+    monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
+    with torch.no_grad():
+        assert torch.equal(pool(x), F.max_pool3d(x, 2, 2, (0, 1, 1)))
+
+
+PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+import admm
+from models import kgs_cpu
+assert kgs_cpu.isa() == 'portable' and kgs_cpu.available(), kgs_cpu.why_unavailable()
+torch.manual_seed(0)
+for o, i, k, s, p, shape in [(13, 6, 3, 1, 1, (2, 6, 3, 9, 7)),
+                             (16, 7, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 7, 2, 9, 20)),
+                             (10, 9, (3, 1, 1), (2, 1, 1), (1, 0, 0), (1, 9, 5, 4, 6))]:
+    w = admm.project(torch.randn(o, i, *((k,) * 3 if isinstance(k, int) else k)), 0.6, 'blk-kgs', (8, 4))
+    x, b = torch.randn(shape), torch.randn(o)
+    ref = F.conv3d(x.double(), w.double(), b.double(), s, p)
+    y = kgs_cpu.conv(x, kgs_cpu.pack(w, 8, b, s, p))
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (o, i, k)
+x = torch.randn(1, 3, 4, 9, 10)
+assert torch.equal(kgs_cpu.max_pool3d(x, 2, 2, (0, 1, 1)), F.max_pool3d(x, 2, 2, (0, 1, 1)))
+print('portable ok')
+"""
+
+
+def test_the_portable_build_computes_the_same(tmp_path):
+    """The C++ path for CPUs without AVX2 (built here with RT3D_KGS_ISA=portable, in its own process)."""
+    if not (shutil.which('c++') and shutil.which('ninja')):
+        pytest.skip('needs a compiler and ninja to build')
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'RT3D_KGS_ISA': 'portable', 'PYTHONPATH': root}
+    env.pop('RT3D_NO_COMPILED_KGS', None)
+    done = subprocess.run([sys.executable, '-c', PORTABLE_CHECK], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and 'portable ok' in done.stdout, done.stderr[-2000:]
+
+
+def test_a_failed_build_is_reported_with_the_compiler_s_error(monkeypatch, tmp_path):
+    if not (shutil.which('c++') and shutil.which('ninja')):
+        pytest.skip('needs a compiler and ninja to fail a build')
+    source = tmp_path / 'broken.cpp'
+    source.write_text('#error this kernel does not compile\n')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'ext'))
+    monkeypatch.delenv('RT3D_NO_COMPILED_KGS', raising=False)
+    monkeypatch.setattr(kgs_cpu, 'SOURCE', str(source))
+    monkeypatch.setattr(kgs_cpu, '_state', {})
+    assert not kgs_cpu.available()
+    reason = kgs_cpu.why_unavailable()
+    assert 'could not be built' in reason and 'this kernel does not compile' in reason
