@@ -484,16 +484,23 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
     if opts.layers_only:
         return '\n\n'.join(tables)
 
-    # Fast forms in PyTorch: each pruned conv on the KGS path where that is faster on this clip.
+    # Fast forms in PyTorch (models.slim.faster_model): each pruned conv on the compiled KGS kernel (or the torch
+    # KGS path) where that is faster on this clip, BatchNorms folded, pools and ReLUs compiled.
     fast = {}
     for label, model in variants.items():
         f = copy.deepcopy(model).eval()
-        report = sparse_exec(f, model.block, min_speedup=opts.min_speedup,
-                             example_input=None if opts.no_calibrate else clip)
+        if opts.min_speedup is not None:
+            report = sparse_exec(f, model.block, min_speedup=opts.min_speedup,
+                                 example_input=None if opts.no_calibrate else clip)
+        else:
+            f, report = faster_model(f, arch, 'blk-kgs', model.block, example_input=None if opts.no_calibrate else clip)
+            report = report['kgs']
         fast[f'KGS {label}'] = f
-        on = sum(r['path'] == 'kgs' for r in report.values())
-        notes[f'KGS {label}'] = (f"{on} of {sum(r['density'] < 1 for r in report.values())} pruned convs on the "
-                                 f"KGS path; MACs run {dense_macs / macs(f, clip_shape):.2f}x fewer")
+        pruned = [r for r in report.values() if r['density'] < 1]
+        on = {path: sum(r['path'] == path for r in pruned) for path in ('compiled', 'kgs')}
+        notes[f'KGS {label}'] = (f"of {len(pruned)} pruned convs {on['compiled']} "
+                                 f"compiled, {on['kgs']} on the torch KGS path; MACs run "
+                                 f"{dense_macs / macs(f, clip_shape):.2f}x fewer")
     if slim is not None:
         fast['slim filter'] = slim
     reference = {'dense': base, **{f'KGS {k}': v for k, v in variants.items()}}
@@ -630,8 +637,9 @@ def main(argv=None):
                    help='threads of every runtime (0: all cores, torch default)')
     g.add_argument('--reps', type=int, default=5, help='interleaved repeats per measurement (median)')
     g.add_argument('--pause', type=float, default=0.05, help='seconds between two timed calls of the whole models')
-    g.add_argument('--min-speedup', type=float, default=1.1,
-                   help="sparse_exec's threshold: slower layers stay dense in the fast form")
+    g.add_argument('--min-speedup', type=float,
+                   help="the fast form as sparse_exec alone with this threshold (slower layers stay dense) instead of "
+                        "models.slim.faster_model (sparse_exec at 1.1, BatchNorms folded, pools and ReLUs compiled)")
     g.add_argument('--no-calibrate', action='store_true',
                    help="fast form: choose each layer's path by sparse_exec's cost model, not by measuring it")
     p.add_argument('--out', help='also write the tables to this Markdown file')

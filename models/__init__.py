@@ -8,8 +8,8 @@ import torch
 
 from admm import strip_module_prefix  # noqa: F401  (re-exported: checkpoints' names)
 
+from . import c3d, r2plus1d, s3d
 from .c3d import C3D
-from .r2plus1d import r2plus1d
 from .s3d import S3D
 
 
@@ -21,6 +21,7 @@ class Architecture:
     scale_range: tuple               # short side before cropping: training draws from it, validation takes the low end
     default_profile: str             # --config-file when none is given (the original's recipe profile)
     baselines: dict                  # dataset -> file name of the original's downloadable baseline
+    links: Callable                  # links(model) -> [models.links.Link]: how channels flow (slim models)
     num_frames: int = 16
 
 
@@ -30,7 +31,8 @@ def _c3d(num_classes, num_frames, crop_size, pretrained, **kw):
 
 def _r2plus1d(pretrained_default):
     def build(num_classes, num_frames, crop_size, pretrained, **kw):
-        return r2plus1d(num_classes, pretrained=pretrained_default if pretrained is None else pretrained, **kw)
+        return r2plus1d.r2plus1d(num_classes, pretrained=pretrained_default if pretrained is None else pretrained,
+                                 **kw)
     return build
 
 
@@ -43,13 +45,15 @@ _R2PLUS1D_BASELINES = {'ucf101': 'ucf101_r2+1d-pretrained_transfer_epoch-14_top1
 ARCHITECTURES = {
     'c3d': Architecture(_c3d, 112, (128, 128), 'c3d_2.53x_v2',
                         {'ucf101': 'ucf101_c3d_transfer_epoch-14_top1-81.571.pt',
-                         'hmdb51': 'hmdb51_c3d_transfer_epoch-18_top1-53.458.pt'}),
-    'r2+1d': Architecture(_r2plus1d(False), 112, (128, 128), 'r2+1d-pretrained_2.56x', _R2PLUS1D_BASELINES),
+                         'hmdb51': 'hmdb51_c3d_transfer_epoch-18_top1-53.458.pt'}, c3d.channel_links),
+    'r2+1d': Architecture(_r2plus1d(False), 112, (128, 128), 'r2+1d-pretrained_2.56x', _R2PLUS1D_BASELINES,
+                          r2plus1d.channel_links),
     'r2+1d-pretrained': Architecture(_r2plus1d(True), 112, (128, 128), 'r2+1d-pretrained_2.56x',
-                                     _R2PLUS1D_BASELINES),
+                                     _R2PLUS1D_BASELINES, r2plus1d.channel_links),
     's3d': Architecture(_s3d, 224, (256, 320), 's3d_2.09x',
                         {'ucf101': 'ucf101-s3d-ts-max-f16-multisteps-bs32-e20_epoch-20_top1-90.573.pt',
-                         'hmdb51': 'hmdb51-s3d-ts-max-f16-multisteps-bs32-e20_epoch-17_top1-67.151.pt'}),
+                         'hmdb51': 'hmdb51-s3d-ts-max-f16-multisteps-bs32-e20_epoch-17_top1-67.151.pt'},
+                        s3d.channel_links),
 }
 ARCHS = tuple(ARCHITECTURES)
 # Clip geometry per architecture (DATA_AND_MODELS.md): frames, crop, and the short-side

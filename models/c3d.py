@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from .links import Link
+
 
 class C3D(nn.Module):
     """C3D for `N x 3 x T x H x W` clips; fc6's input size follows the clip geometry."""
@@ -66,3 +68,13 @@ class C3D(nn.Module):
         x = self.dropout(self.relu(self.fc6(x)))
         x = self.dropout(self.relu(self.fc7(x)))
         return self.fc8(x)
+
+
+def channel_links(model):
+    """The channel links of a C3D (models.links): a chain of convs, then pool5 flattened into fc6."""
+    convs = ['conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b']
+    links = [Link([(a, ['relu'])], [(b, 1)]) for a, b in zip(convs, convs[1:])]
+    per_channel = model.fc6.in_features // model.conv5b.out_channels    # fc6 reads the flattened pool5
+    links.append(Link([('conv5b', ['relu'])], [('fc6', per_channel)]))
+    links += [Link([('fc6', ['relu'])], [('fc7', 1)]), Link([('fc7', ['relu'])], [('fc8', 1)])]
+    return links

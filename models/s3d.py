@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from .links import Link
+
 
 class BasicConv3d(nn.Module):
     """Conv3d (no bias) + BatchNorm3d (eps 1e-3) + ReLU."""
@@ -92,3 +94,47 @@ class S3D(nn.Module):
         # Average over space only, classify each remaining time step, then average the logits over time.
         x = nn.functional.adaptive_avg_pool3d(x, (x.shape[2], 1, 1)).flatten(2).transpose(1, 2)
         return self.fc(self.dropout(x)).mean(dim=1)
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
+
+
+def channel_links(model):
+    """The channel links of an S3D (models.links): the inception branches concatenated into the next
+    block's four branch inputs."""
+    def out_of(unit, name):     # the conv making a BasicConv3d's or STConv3d's output, with its post-ops
+        if hasattr(unit, 'conv_t'):
+            return (f'{name}.conv_t', [f'{name}.bn_t', 'relu'])
+        return (f'{name}.conv', [f'{name}.bn', 'relu'])
+
+    def inputs_of(name):
+        return [(f'{name}.branch1.conv', 1), (f'{name}.branch2.0.conv', 1), (f'{name}.branch3.0.conv', 1),
+                (f'{name}.branch4.1.conv', 1)]
+
+    def outputs_of(name, block):
+        return [out_of(block.branch1, f'{name}.branch1'), out_of(block.branch2[1], f'{name}.branch2.1'),
+                out_of(block.branch3[1], f'{name}.branch3.1'), out_of(block.branch4[1], f'{name}.branch4.1')]
+
+    def exact(*pools):          # a max pool keeps a constant channel constant; a padded average pool does not
+        return all(isinstance(p, nn.MaxPool3d) or not any(_triple(p.padding)) for p in pools)
+
+    links = [Link([out_of(model.conv1, 'conv1')], [('conv2.conv', 1)], exact=exact(model.pool1)),
+             Link([out_of(model.conv2, 'conv2')], [('conv3.conv', 1)]),
+             Link([('conv3.conv', ['conv3.bn', 'relu'])], [('conv3.conv_t', 1)])]
+    blocks = ['inception3a', 'inception3b', 'inception4a', 'inception4b', 'inception4c', 'inception4d',
+              'inception4e', 'inception5a', 'inception5b']
+    pools_before = {'inception3a': model.pool2, 'inception4a': model.pool3, 'inception5a': model.pool4}
+    previous = [out_of(model.conv3, 'conv3')]
+    for name in blocks:
+        block = getattr(model, name)
+        pools = [pools_before[name]] if name in pools_before else []
+        links.append(Link(previous, inputs_of(name), exact=exact(*pools)))
+        for branch in ('branch2', 'branch3'):
+            links.append(Link([(f'{name}.{branch}.0.conv', [f'{name}.{branch}.0.bn', 'relu'])],
+                              [(f'{name}.{branch}.1.conv', 1)]))
+            links.append(Link([(f'{name}.{branch}.1.conv', [f'{name}.{branch}.1.bn', 'relu'])],
+                              [(f'{name}.{branch}.1.conv_t', 1)]))
+        previous = outputs_of(name, block)
+    links.append(Link(previous, [('fc', 1)]))       # average pooling of a constant is that constant
+    return links

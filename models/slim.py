@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import build_model, kgs_cpu
+from . import ARCHITECTURES, build_model, kgs_cpu
 from .sparse_conv import CompiledKGSConv3d, CompiledMaxPool3d, KGSConv3d, _triple, sparse_exec
 
 FORMAT = 'rt3d-model'
@@ -106,83 +106,6 @@ class BatchNormExpand(nn.BatchNorm3d):
         return state
 
 
-# ----------------------------------------------------------------------------- channel links
-
-class Link:
-    """Channels made by `producers` (concatenated in order) and read by `consumers`.
-
-    A producer is `(module name, post-ops)`: the BatchNorm module names and 'relu' applied to its
-    output before the consumers see it. A consumer is `(module name, multiplicity)`: a Linear after a
-    flatten reads `multiplicity` features per channel. `residual`: the channels also feed a residual
-    sum, so they keep their width (`BatchNormExpand`). `exact`: constants reach the consumers
-    unchanged (False through an average pool with padding: only channels that hold 0 may go)."""
-
-    def __init__(self, producers, consumers=(), residual=False, exact=True):
-        self.producers, self.consumers, self.residual, self.exact = list(producers), list(consumers), residual, exact
-
-
-def c3d_links(model):
-    convs = ['conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b']
-    links = [Link([(a, ['relu'])], [(b, 1)]) for a, b in zip(convs, convs[1:])]
-    per_channel = model.fc6.in_features // model.conv5b.out_channels    # fc6 reads the flattened pool5
-    links.append(Link([('conv5b', ['relu'])], [('fc6', per_channel)]))
-    links += [Link([('fc6', ['relu'])], [('fc7', 1)]), Link([('fc7', ['relu'])], [('fc8', 1)])]
-    return links
-
-
-def r2plus1d_links(model):
-    links = [Link([('stem.0', ['stem.1', 'relu'])], [('stem.3', 1)]), Link([('stem.3', ['stem.4'])], residual=True)]
-    for layer in ('layer1', 'layer2', 'layer3', 'layer4'):
-        for i, block in enumerate(getattr(model, layer)):
-            b = f'{layer}.{i}'
-            links += [Link([(f'{b}.conv1.0.0', [f'{b}.conv1.0.1', 'relu'])], [(f'{b}.conv1.0.3', 1)]),
-                      Link([(f'{b}.conv1.0.3', [f'{b}.conv1.1', 'relu'])], [(f'{b}.conv2.0.0', 1)]),
-                      Link([(f'{b}.conv2.0.0', [f'{b}.conv2.0.1', 'relu'])], [(f'{b}.conv2.0.3', 1)]),
-                      Link([(f'{b}.conv2.0.3', [f'{b}.conv2.1'])], residual=True)]
-            if block.downsample is not None:
-                links.append(Link([(f'{b}.downsample.0', [f'{b}.downsample.1'])], residual=True))
-    return links
-
-
-def s3d_links(model):
-    def out_of(unit, name):     # the conv making a BasicConv3d's or STConv3d's output, with its post-ops
-        if hasattr(unit, 'conv_t'):
-            return (f'{name}.conv_t', [f'{name}.bn_t', 'relu'])
-        return (f'{name}.conv', [f'{name}.bn', 'relu'])
-
-    def inputs_of(name):
-        return [(f'{name}.branch1.conv', 1), (f'{name}.branch2.0.conv', 1), (f'{name}.branch3.0.conv', 1),
-                (f'{name}.branch4.1.conv', 1)]
-
-    def outputs_of(name, block):
-        return [out_of(block.branch1, f'{name}.branch1'), out_of(block.branch2[1], f'{name}.branch2.1'),
-                out_of(block.branch3[1], f'{name}.branch3.1'), out_of(block.branch4[1], f'{name}.branch4.1')]
-
-    def exact(*pools):          # a max pool keeps a constant channel constant; a padded average pool does not
-        return all(isinstance(p, nn.MaxPool3d) or not any(_triple(p.padding)) for p in pools)
-
-    links = [Link([out_of(model.conv1, 'conv1')], [('conv2.conv', 1)], exact=exact(model.pool1)),
-             Link([out_of(model.conv2, 'conv2')], [('conv3.conv', 1)]),
-             Link([('conv3.conv', ['conv3.bn', 'relu'])], [('conv3.conv_t', 1)])]
-    blocks = ['inception3a', 'inception3b', 'inception4a', 'inception4b', 'inception4c', 'inception4d',
-              'inception4e', 'inception5a', 'inception5b']
-    pools_before = {'inception3a': model.pool2, 'inception4a': model.pool3, 'inception5a': model.pool4}
-    previous = [out_of(model.conv3, 'conv3')]
-    for name in blocks:
-        block = getattr(model, name)
-        pools = [pools_before[name]] if name in pools_before else []
-        links.append(Link(previous, inputs_of(name), exact=exact(*pools)))
-        for branch in ('branch2', 'branch3'):
-            links.append(Link([(f'{name}.{branch}.0.conv', [f'{name}.{branch}.0.bn', 'relu'])],
-                              [(f'{name}.{branch}.1.conv', 1)]))
-            links.append(Link([(f'{name}.{branch}.1.conv', [f'{name}.{branch}.1.bn', 'relu'])],
-                              [(f'{name}.{branch}.1.conv_t', 1)]))
-        previous = outputs_of(name, block)
-    links.append(Link(previous, [('fc', 1)]))       # average pooling of a constant is that constant
-    return links
-
-
-LINKS = {'c3d': c3d_links, 'r2+1d': r2plus1d_links, 'r2+1d-pretrained': r2plus1d_links, 's3d': s3d_links}
 
 
 # ----------------------------------------------------------------------------- slimming
@@ -218,13 +141,13 @@ def slim_model(model, arch):
     Outputs equal the eval-mode model's up to float rounding. Returns the new model; its
     `slim_report` attribute lists, per producing layer, the channels kept and removed.
     """
-    if arch not in LINKS:
-        raise ValueError(f"slim_model knows {', '.join(LINKS)}; got arch {arch!r}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"slim_model knows {', '.join(ARCHITECTURES)}; got arch {arch!r}")
     model = copy.deepcopy(model).eval()
     out_keep, in_keep, in_const = {}, {}, {}     # layer -> kept outputs; kept inputs; (removed inputs, constants)
     bn_keep, expand = {}, {}
     report = {}
-    for link in LINKS[arch](model):
+    for link in ARCHITECTURES[arch].links(model):
         widths = [model.get_submodule(p).weight.shape[0] for p, _ in link.producers]
         total = sum(widths)
         zero = torch.cat([_zero_filters(model.get_submodule(p)).cpu() for p, _ in link.producers])
@@ -331,10 +254,10 @@ def fold_batchnorm(model, arch):
     weight and bias (the BatchNorm becomes nn.Identity): the same outputs up to float rounding, one pass
     over the activations fewer. Per-filter scales keep a pruned weight's zeros. Returns the folded
     BatchNorms, `{batchnorm name: conv name}`."""
-    if arch not in LINKS:
-        raise ValueError(f"fold_batchnorm knows {', '.join(LINKS)}; got arch {arch!r}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"fold_batchnorm knows {', '.join(ARCHITECTURES)}; got arch {arch!r}")
     folded = {}
-    for link in LINKS[arch](model):
+    for link in ARCHITECTURES[arch].links(model):
         for producer, ops in link.producers:
             if not ops or ops[0] == 'relu' or ops[0] in folded:
                 continue

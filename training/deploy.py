@@ -53,7 +53,7 @@ def faster(model: torch.nn.Module, arch: str, sparsity_types, block_size, clip: 
         fast, report = faster_model(model, arch, list(sparsity_types), tuple(block_size), example_input=clip)
         difference = (fast(clip) - dense(clip)).abs().max().item()
         dense_s, fast_s = interleaved_medians([lambda: dense(clip), lambda: fast(clip)], reps=5)
-    kgs = [n for n, row in report['kgs'].items() if row['path'] == 'kgs']
+    kgs = [n for n, row in report['kgs'].items() if row['path'] in ('kgs', 'compiled')]
     pruned = [n for n, row in report['kgs'].items() if row['reason'] != 'no zeros']
     report.update(dense_ms=1000 * dense_s, fast_ms=1000 * fast_s, speedup=dense_s / fast_s,
                   max_abs_difference=difference, kgs_layers=len(kgs), pruned_convs=len(pruned),
