@@ -92,10 +92,10 @@ def data(tmp_path_factory):
 def trained(data, tmp_path_factory):
     """baseline -> ADMM (2 rhos) -> masked retrain with warmup, in one checkpoint root.
 
-    The runs write 2.4 GB; tests read the baseline, the last stage file and the retrained model. After
-    each phase the listing of the run folder (`files`) and the metadata of every checkpoint (`metadata`)
-    are noted, and the files no later phase or test reads (resume points, first stage file: 1.7 GB)
-    are removed."""
+    The runs write 2.4 GB; tests read the baseline and the retrained model. After each phase the
+    listing of the run folder (`files`) and the metadata of every checkpoint (`metadata`: options, the
+    keys, rho and the names in Z of a stage file) are noted, and the files no later phase or test
+    reads (resume points, stage files: 2.0 GB) are removed."""
     ckpt = tmp_path_factory.mktemp('ckpt')
     folder = os.path.join(ckpt, RUN)
     common = ['--data_location', data, '--ckpt-root', ckpt, *GEOMETRY]
@@ -105,7 +105,8 @@ def trained(data, tmp_path_factory):
         for path in glob.glob(os.path.join(ckpt, '*.pt')) + glob.glob(os.path.join(folder, '*.pt')):
             if path not in metadata:
                 _, meta = read_checkpoint(path)
-                metadata[path] = {'options': meta['options'], 'keys': set(meta)}
+                metadata[path] = {'options': meta['options'], 'keys': set(meta), 'rho': meta.get('rho'),
+                                  'admm_z': set(meta['admm']['Z']) if 'admm' in meta else None}
         files.update(os.listdir(folder) if os.path.isdir(folder) else ())
         drop(*patterns)
 
@@ -117,7 +118,7 @@ def trained(data, tmp_path_factory):
     retrain = run('--masked-retrain', '--epochs', 3, '--warmup', '--warmup-epochs', 1, '--warmup-lr', 1e-5,
                   '--lr-scheduler', 'cosine', '--rho', 0.01, '--rho-num', 2, '--config-file', 'c3d_2.53x_v2',
                   '--lr', 0.001, '--combine-progressive', *common)
-    note_then_drop(os.path.join(folder, '*_last.pt'))
+    note_then_drop(os.path.join(folder, '*_last.pt'), os.path.join(folder, f'{RUN}_0.1.pt'))
     return {'ckpt': str(ckpt), 'common': common, 'retrain_out': retrain.stdout, 'files': files, 'metadata': metadata}
 
 

@@ -79,19 +79,6 @@ def test_zero_epochs_is_refused_before_anything_runs(capsys):
     assert 'argument --epochs: must be >= 1, got 0' in capsys.readouterr().err
 
 
-@pytest.mark.e2e
-def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(trained, data, tmp_path):
-    link_tree(os.path.join(trained['ckpt'], RUN), tmp_path / RUN)
-    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
-    dead.wait()
-    stale = tmp_path / RUN / f'{RUN}_2rhos.pt.tmp{dead.pid}'
-    stale.write_bytes(b'half a checkpoint')
-    run('--masked-retrain', '--epochs', 1, '--max-batches', 1, '--rho', 0.01, '--rho-num', 2, '--config-file',
-        'c3d_2.53x_v2', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
-    assert not stale.exists()
-    assert f'removed {stale}' in (tmp_path / RUN / f'{RUN}_retrain.log').read_text()
-
-
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.e2e
@@ -189,12 +176,12 @@ def test_checkpoints_hold_the_run_defining_options(trained):
     assert options['rho_num'] == 2 and options['sparsity_type'] == ['blk-kgs']
 
 
-# ----------------------------------------------------------------------------- mistakes beside a finished run
+# ----------------------------------------------------------------------------- beside a finished run
 # Last in the module: the finished run (1 GB) is removed as soon as these have run.
 
 @pytest.fixture(scope='module')
 def previous_run(request, data, baseline, tmp_path_factory):
-    """A finished ADMM run that later, mistaken commands must leave where it is."""
+    """A finished ADMM run: mistaken commands must leave it where it is; a retraining starts from a copy."""
     root = removed_when_passed(request, tmp_path_factory.mktemp('previous'))
     run(*ADMM, '--load-path', baseline, '--data_location', data, '--ckpt-root', root, *GEOMETRY)
     return root
@@ -220,3 +207,16 @@ def test_admm_resume_with_another_profile_is_refused(data, baseline, previous_ru
     out = run(*ADMM, '--config-file', 'c3d_3.57x', '--resume', '--load-path', baseline, '--data_location', data,
               '--ckpt-root', previous_run, *GEOMETRY, check=False)
     fails_cleanly(out, 'profiles:', 'in the run being resumed')
+
+
+@pytest.mark.e2e
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(data, previous_run, tmp_path):
+    link_tree(previous_run / RUN, tmp_path / RUN)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    stale = tmp_path / RUN / f'{RUN}_1rhos.pt.tmp{dead.pid}'
+    stale.write_bytes(b'half a checkpoint')
+    run('--masked-retrain', '--epochs', 1, '--max-batches', 1, '--rho', 0.01, '--rho-num', 1, '--config-file',
+        'c3d_2.53x_v2', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
+    assert not stale.exists()
+    assert f'removed {stale}' in (tmp_path / RUN / f'{RUN}_retrain.log').read_text()
