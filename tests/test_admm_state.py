@@ -1,22 +1,9 @@
 """ADMM Z/U updates, the penalty, hard pruning and the retraining masks."""
 import pytest
 import torch
-import torch.nn as nn
+from conftest import Tiny
 
 import admm
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv3d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv3d(16, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3, 4)))
-
 
 RATIOS = {'conv2.weight': 0.5, 'fc.weight': 0.25}
 

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import drop, removed_when_passed
 from runner import GEOMETRY, RUN, run
 
 import admm
@@ -35,19 +36,25 @@ PRECISION_LINE = 'mixed precision: bfloat16 autocast' if NATIVE_BF16 else '--amp
 
 
 @pytest.fixture(scope='module')
-def amp_runs(data, baseline, tmp_path_factory):
-    """Every training phase for a few batches under --amp on the CPU."""
-    root = tmp_path_factory.mktemp('amp')
+def amp_runs(request, data, baseline, tmp_path_factory):
+    """Every training phase for a few batches under --amp on the CPU. The tests read the
+    logs, curves and the retrained model: each other checkpoint goes once the next phase no longer needs it."""
+    root = removed_when_passed(request, tmp_path_factory.mktemp('amp'))
     common = ['--data_location', data, '--ckpt-root', root, '--amp', *GEOMETRY, *PRUNE]
     outs = {'baseline': run('--baseline', '--epochs', 1, '--data_location', data, '--ckpt-root', root, '--amp',
-                            '--max-batches', 2, '--tensorboard', *GEOMETRY),
-            'admm': run('--admm', '--epochs', 2, '--admm-epochs', 1, '--load-path', baseline, *common),
-            'retrain': run('--masked-retrain', '--epochs', 1, *common)}
+                            '--max-batches', 2, '--tensorboard', *GEOMETRY)}
+    drop(root / '*.pt')                                     # ADMM starts from the shared baseline
+    outs['admm'] = run('--admm', '--epochs', 2, '--admm-epochs', 1, '--load-path', baseline, *common)
+    drop(root / RUN / f'{RUN}_admm_last.pt')
+    outs['retrain'] = run('--masked-retrain', '--epochs', 1, *common)
+    drop(root / RUN / f'{RUN}_0.01.pt', root / RUN / f'{RUN}_1rhos.pt')
     outs['rew'] = run('--rew', '--epochs', 2, '--rew-milestones', 1, '--penalty', 1e-4, '--load-path', baseline,
                       *common, '--ckpt-root', root / 'rew')
+    drop(root / 'rew' / RUN / '*.pt')
     return root, outs
 
 
+@pytest.mark.e2e
 def test_every_phase_trains_under_amp_with_finite_losses(amp_runs):
     root, outs = amp_runs
     for phase, out in outs.items():
@@ -82,6 +89,7 @@ def test_bf16_autocast_keeps_the_penalty_and_the_masks_in_float32():
         assert p.dtype == torch.float32 and not p[m == 0].any()
 
 
+@pytest.mark.e2e
 def test_pruned_weights_stay_exactly_zero_under_amp(amp_runs):
     root, _ = amp_runs
     final = glob.glob(str(root / RUN / f'{RUN}_1rhos_epoch-*.pt'))[0]
@@ -92,6 +100,7 @@ def test_pruned_weights_stay_exactly_zero_under_amp(amp_runs):
         assert state[name].dtype == torch.float32 and not state[name][~mask].any(), name
 
 
+@pytest.mark.e2e
 def test_tensorboard_logs_the_epoch_figures(amp_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     root, _ = amp_runs

@@ -42,7 +42,7 @@ def test_a_second_one_shot_retraining_keeps_the_first_results_files(trained, dat
     folder = tmp_path / RUN
     first = {p: open(p, 'rb').read() for p in glob.glob(str(folder / f'{RUN}_oneshot*'))}
     assert str(folder / f'{RUN}_oneshot_kept.npz') in first and len(first) >= 4
-    other = os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt')          # another model: other kept groups
+    other = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]   # other kept groups
     out = run(*common, '--load-path', other)
     assert f'this run\'s files are {folder / RUN}_oneshot_v2' in out.stdout
     assert {p: open(p, 'rb').read() for p in first} == first             # the first result, untouched

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Tiny, random_weight
 from reference import project_reference
 
 import admm
@@ -11,10 +12,6 @@ import admm
 BALANCED = ['kgr', 'kgc']
 # 45 filters and 3 input channels pad both block dims; K = 27, 3 (a 3x1x1 kernel), 49 (pads kgc's last chunk).
 SHAPES = [(64, 32, 3, 3, 3), (45, 3, 3, 3, 3), (45, 3, 3, 1, 1), (16, 8, 1, 7, 7), (13, 7, 2, 2, 2)]
-
-
-def random_weight(shape, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def kgr_rows_pruned(out, block_size=(8, 4)):
@@ -187,17 +184,9 @@ def test_profiles_and_types_of_different_counts_are_refused(profiles, types):
         admm.weight_rules(profiles, types)
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv3d(3, 16, 3)
-        self.conv2 = torch.nn.Conv3d(16, 24, 3)
-        self.fc = torch.nn.Linear(24, 5)
-
-
 def test_hard_prune_with_two_profiles_returns_one_index_per_profile():
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(24)
     before = model.conv2.weight.detach().clone()
     a, b = {'conv2.weight': 0.5, 'fc.weight': 0.25}, {'conv2.weight': 0.3}
     kept = admm.hard_prune(model, [a, b], ['kgr', 'kgc'])
@@ -210,7 +199,7 @@ def test_hard_prune_with_two_profiles_returns_one_index_per_profile():
 
 def test_admm_with_two_profiles_projects_onto_both():
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(24)
     state = admm.ADMM(model, [{'conv2.weight': 0.5}, {'conv2.weight': 0.3}], rho=1e-3, sparsity_type=['kgr', 'kgc'])
     state.initialize()
     w = model.conv2.weight
@@ -222,7 +211,7 @@ def test_admm_with_two_profiles_projects_onto_both():
 @pytest.mark.parametrize('sparsity_type', BALANCED)
 def test_admm_and_hard_prune_accept_the_balanced_types(sparsity_type):
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(24)
     state = admm.ADMM(model, {'conv2.weight': 0.5}, rho=1e-3, sparsity_type=sparsity_type)
     state.initialize()
     assert torch.equal(state.Z['conv2.weight'], admm.project(model.conv2.weight, 0.5, sparsity_type))

@@ -39,6 +39,8 @@ from dataset import (
 )
 from dataset.record_format import decode_frame_counts, decode_keys, decode_record
 
+pytestmark = pytest.mark.e2e          # extract_videos.py and create_lmdb.py run as a user runs them
+
 REPO = Path(__file__).resolve().parents[1]
 EXTRACT = REPO / "dataset" / "extract_videos.py"
 CREATE_LMDB = REPO / "dataset" / "create_lmdb.py"

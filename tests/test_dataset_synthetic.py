@@ -89,6 +89,7 @@ def generated(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, root
 
 
+@pytest.mark.e2e
 def test_layout_is_ucf101s_with_train_and_test_from_different_groups(generated):
     preset, root = generated
     classes = (root / "ucfTrainTestlist" / "classInd.txt").read_text().split()[1::2]
@@ -102,12 +103,14 @@ def test_layout_is_ucf101s_with_train_and_test_from_different_groups(generated):
     assert sorted(p.name for p in (root / "ucf101").iterdir()) == sorted(f for _, f in train + test)
 
 
+@pytest.mark.e2e
 def test_videos_decode_back_with_the_requested_frames_and_size(generated):
     _, root = generated
     for path in sorted((root / "ucf101").iterdir())[::7]:
         assert read_video(path).shape == (32, 48, 64, 3)
 
 
+@pytest.mark.e2e
 def test_frame_differences_tell_the_classes_apart(generated):
     preset, root = generated
     sets = {}

@@ -25,12 +25,6 @@ def assert_identical(restored, original):
 
 
 @pytest.fixture(scope='module')
-def c3d():
-    torch.manual_seed(0)
-    return build_model('c3d', 5, crop_size=32)
-
-
-@pytest.fixture(scope='module')
 def s3d():
     torch.manual_seed(0)
     return build_model('s3d', 5)
@@ -46,11 +40,11 @@ def pruned(model, profile, sparsity_type):
 
 
 @pytest.mark.parametrize('sparsity_type', admm.SPARSITY_TYPES)
-def test_c3d_round_trip_is_bit_for_bit_and_smaller(tmp_path, c3d, sparsity_type):
+def test_c3d_round_trip_is_bit_for_bit_and_smaller(tmp_path, c3d_32, sparsity_type):
     # every conv but the first pruned: enough of the weights for the file to be a fifth smaller
-    state = pruned(c3d, 'c3d_3.57x_all-convs', sparsity_type).state_dict()
+    state = pruned(c3d_32, 'c3d_3.57x_all-convs', sparsity_type).state_dict()
     stored = save_compact(state, tmp_path / 'c.pt', sparsity_type)
-    assert set(stored) == set(admm.load_profile('c3d_3.57x_all-convs', c3d))
+    assert set(stored) == set(admm.load_profile('c3d_3.57x_all-convs', c3d_32))
     assert_identical(load_compact(tmp_path / 'c.pt'), state)
     torch.save(state, tmp_path / 'dense.pt')
     assert os.path.getsize(tmp_path / 'c.pt') < 0.8 * os.path.getsize(tmp_path / 'dense.pt')
@@ -84,16 +78,16 @@ def test_dense_and_irregularly_sparse_weights_stay_dense(tmp_path):
     assert_identical(load_compact(tmp_path / 'c.pt'), {'a': dense, 'b': speckled})
 
 
-def test_the_file_loads_without_unpickling_objects(tmp_path, c3d):
-    save_compact(pruned(c3d, 'c3d_3.57x', 'kgr').state_dict(), tmp_path / 'c.pt', 'kgr')
+def test_the_file_loads_without_unpickling_objects(tmp_path, c3d_32):
+    save_compact(pruned(c3d_32, 'c3d_3.57x', 'kgr').state_dict(), tmp_path / 'c.pt', 'kgr')
     data = torch.load(tmp_path / 'c.pt', weights_only=True)
     assert data['format'] == 'rt3d-compact'
     entry = data['compact']['conv2.weight']
     assert entry['sparsity_type'] == 'kgr' and entry['index'].dtype == torch.uint8
 
 
-def test_stored_index_is_the_kept_group_grid_of_hard_prune(tmp_path, c3d):
-    model = copy.deepcopy(c3d)
+def test_stored_index_is_the_kept_group_grid_of_hard_prune(tmp_path, c3d_32):
+    model = copy.deepcopy(c3d_32)
     kept = admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs')
     save_compact(model.state_dict(), tmp_path / 'c.pt', 'blk-kgs')
     entry = torch.load(tmp_path / 'c.pt', weights_only=True)['compact']['conv3a.weight']

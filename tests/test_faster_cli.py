@@ -4,11 +4,14 @@ import glob
 import json
 import os
 
+import pytest
 import torch
 from runner import GEOMETRY, RUN, fails_cleanly, run
 
 from models import build_model, read_checkpoint
 from models.slim import load_model
+
+pytestmark = pytest.mark.e2e
 
 C3D_CONVS = ['conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b']
 TRAINED_CONVS = ['conv2', 'conv3a', 'conv3b']      # what the trained run's profile, c3d_2.53x_v2, prunes

@@ -26,6 +26,7 @@ def test_layer_macs_of_a_conv_follow_the_formula():
     assert macs['fc6.weight'] == 8192 * 4096
 
 
+@pytest.mark.e2e
 def test_real_zeros_of_a_checkpoint_are_counted(tmp_path):
     torch.manual_seed(0)
     model = build_model('c3d', 101)
@@ -42,6 +43,7 @@ def test_real_zeros_of_a_checkpoint_are_counted(tmp_path):
     assert {'dense_flops', 'pruned_flops', 'params_reduction'} <= set(report)
 
 
+@pytest.mark.e2e
 def test_table_output_and_crop_size():
     out = subprocess.run([sys.executable, 'profile_flops.py', '--arch', 'c3d', '--config-file', 'c3d_2.53x_v2',
                           '--crop-size', '32'], cwd=ROOT, capture_output=True, text=True)

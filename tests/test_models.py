@@ -10,12 +10,6 @@ import torch
 from models import CheckpointError, CheckpointMismatch, build_model, load_weights, read_checkpoint
 
 
-@pytest.fixture(scope='module')
-def c3d():
-    torch.manual_seed(0)
-    return build_model('c3d', 101)
-
-
 def test_c3d_parameter_names_and_fc6_size(c3d):
     names = [n for n, _ in c3d.named_parameters()]
     expected = [f'{layer}.{kind}' for layer in ('conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b',

@@ -13,11 +13,6 @@ from models import build_model
 PROFILES = admm.available_profiles()
 
 
-@pytest.fixture(scope='module')
-def c3d():
-    return build_model('c3d', 101)
-
-
 def write(tmp_path, text, name='p.yaml'):
     path = tmp_path / name
     path.write_text(text)

@@ -2,17 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import random_weight
 from reference import project_reference
 
 import admm
 
 TYPES = ['blk-kgs', 'blk-vanilla', 'filter', 'irregular']
 SHAPES = [(64, 32, 3, 3, 3), (45, 3, 3, 7, 7), (13, 7, 2, 2, 2), (16, 8, 3, 3), (20, 10)]
-
-
-def random_weight(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g)
 
 
 def groups_of(weight, sparsity_type, block_size=(8, 4)):

@@ -1,18 +1,9 @@
 """Reweighted group regularisation: alpha, the penalty and its gradient, state, report."""
 import pytest
 import torch
-import torch.nn as nn
+from conftest import Tiny
 
 import admm
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv3d(3, 16, 3)
-        self.conv2 = nn.Conv3d(16, 45, 3)        # 45 filters: kgr's last block has padding rows
-        self.fc = nn.Linear(45, 5)
-
 
 RATIOS = {'conv2.weight': 0.5, 'fc.weight': 0.25}
 
@@ -20,7 +11,7 @@ RATIOS = {'conv2.weight': 0.5, 'fc.weight': 0.25}
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return Tiny()
+    return Tiny(45)                 # 45 filters: kgr's last block has padding rows
 
 
 def explicit_groups(w, sparsity_type):

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import link_tree, removed_when_passed
 from runner import GEOMETRY, ROOT, RUN, fails_cleanly, run
 
 import admm
@@ -22,6 +23,7 @@ def opt_main(*args):
 
 # ----------------------------------------------------------------------------- nothing destroyed
 
+@pytest.mark.e2e
 def test_export_onto_its_own_input_is_refused_and_the_checkpoint_survives(trained, tmp_path):
     final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
     mine = shutil.copy(final, tmp_path / 'model.pt')
@@ -34,6 +36,7 @@ def test_export_onto_its_own_input_is_refused_and_the_checkpoint_survives(traine
     read_checkpoint(str(mine))
 
 
+@pytest.mark.e2e
 def test_export_does_not_replace_an_existing_file_without_force(trained, tmp_path):
     final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
     out_path = tmp_path / 'out.compact.pt'
@@ -44,6 +47,7 @@ def test_export_does_not_replace_an_existing_file_without_force(trained, tmp_pat
     assert out_path.stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_run_directory_in_use_is_refused(data, baseline, tmp_path):
     common = ['--load-path', baseline, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY]
     first = subprocess.Popen(opt_main(*ADMM, '--epochs', 1000, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -69,80 +73,15 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(data, baseline, tmp_p
     assert (tmp_path / RUN / f'{RUN}_0.01.pt').exists()
 
 
-def test_a_second_identical_baseline_does_not_replace_the_first(data, tmp_path):
-    args = ['--baseline', '--epochs', 1, '--max-batches', 1, '--data_location', data, '--ckpt-root', tmp_path,
-            *GEOMETRY]
-    run(*args)
-    first = glob.glob(str(tmp_path / 'ucf101_c3d_baseline_epoch-1_top1-*.pt'))
-    assert len(first) == 1
-    before = open(first[0], 'rb').read()
-    run(*args)                                   # the same seed: the same epoch and top-1
-    second = glob.glob(str(tmp_path / 'ucf101_c3d_baseline_v2_epoch-1_top1-*.pt'))
-    assert len(second) == 1 and open(first[0], 'rb').read() == before
-
-
-@pytest.fixture(scope='module')
-def previous_run(data, baseline, tmp_path_factory):
-    """A finished ADMM run that later, mistaken commands must leave where it is."""
-    root = tmp_path_factory.mktemp('previous')
-    run(*ADMM, '--load-path', baseline, '--data_location', data, '--ckpt-root', root, *GEOMETRY)
-    return root
-
-
-@pytest.mark.parametrize('mistake, message', [
-    (['--config-file', 'c3d_3.75x'], "profile 'c3d_3.75x' not found"),
-    (['--connectivity-block-size', 10000, 10000], 'larger than every pruned weight'),
-    (['--num-classes', 3], 'has labels up to 4'),
-    (['--teacher-path', 'nowhere.pt', '--distill'], 'nowhere.pt'),
-])
-def test_a_refused_fresh_run_leaves_the_previous_run_where_it_was(data, baseline, previous_run, mistake, message):
-    before = sorted(os.listdir(previous_run / RUN))
-    out = run(*ADMM, '--load-path', baseline, '--data_location', data, '--ckpt-root', previous_run, *GEOMETRY,
-              *mistake, check=False)
-    fails_cleanly(out, message)
-    assert sorted(os.listdir(previous_run / RUN)) == before and not glob.glob(str(previous_run / f'{RUN}_v*'))
-
-
-def test_resume_with_other_options_is_refused_naming_them(data, tmp_path):
-    common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--max-batches', 1]
-    run('--baseline', '--epochs', 2, '--lr', 0.001, *common)
-    out = run('--baseline', '--epochs', 2, '--lr', 0.01, '--resume', *common, check=False)
-    fails_cleanly(out, 'lr: 0.01 now, 0.001 in the run being resumed', 'ucf101_c3d_baseline.pt')
-
-
-def test_admm_resume_with_another_profile_is_refused(data, baseline, previous_run):
-    out = run(*ADMM, '--config-file', 'c3d_3.57x', '--resume', '--load-path', baseline, '--data_location', data,
-              '--ckpt-root', previous_run, *GEOMETRY, check=False)
-    fails_cleanly(out, 'profiles:', 'in the run being resumed')
-
-
-def test_resume_continues_with_the_saved_options(data, tmp_path):
-    common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--max-batches', 1, '--lr', 0.001]
-    run('--baseline', '--epochs', 1, *common)
-    _, meta = read_checkpoint(str(tmp_path / 'ucf101_c3d_baseline.pt'))
-    assert meta['options']['lr'] == 0.001 and meta['options']['epochs'] == 1
-
-
 def test_zero_epochs_is_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         parse_args(['--masked-retrain', '--epochs', '0'])
     assert 'argument --epochs: must be >= 1, got 0' in capsys.readouterr().err
 
 
-def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(trained, data, tmp_path):
-    shutil.copytree(os.path.join(trained['ckpt'], RUN), tmp_path / RUN)
-    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
-    dead.wait()
-    stale = tmp_path / RUN / f'{RUN}_2rhos.pt.tmp{dead.pid}'
-    stale.write_bytes(b'half a checkpoint')
-    run('--masked-retrain', '--epochs', 1, '--max-batches', 1, '--rho', 0.01, '--rho-num', 2, '--config-file',
-        'c3d_2.53x_v2', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
-    assert not stale.exists()
-    assert f'removed {stale}' in (tmp_path / RUN / f'{RUN}_retrain.log').read_text()
-
-
 # ----------------------------------------------------------------------------- bad input
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('content', ['empty', 'truncated', 'random'])
 def test_broken_checkpoints_get_one_error_line(data, baseline, tmp_path, content):
     raw = open(baseline, 'rb').read()
@@ -154,13 +93,15 @@ def test_broken_checkpoints_get_one_error_line(data, baseline, tmp_path, content
     assert not (tmp_path / RUN).exists()
 
 
+@pytest.mark.e2e
 def test_a_resume_file_of_another_kind_is_refused(data, baseline, tmp_path):
-    shutil.copy(baseline, tmp_path / 'ucf101_c3d_baseline.pt')   # a model, not a resume point
+    os.link(baseline, tmp_path / 'ucf101_c3d_baseline.pt')            # a model, not a resume point
     out = run('--baseline', '--epochs', 1, '--resume', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY,
               check=False)
     fails_cleanly(out, 'it is not a resume point')
 
 
+@pytest.mark.e2e
 def test_fewer_classes_than_the_labels_is_refused_before_training(data, tmp_path):
     args = [a if a != '5' else '3' for a in GEOMETRY]
     out = run('--baseline', '--epochs', 1, '--data_location', data, '--ckpt-root', tmp_path, *args, check=False)
@@ -188,6 +129,7 @@ def test_block_size_zero_names_the_option(capsys):
     assert 'argument --connectivity-block-size/-conn-blk: must be >= 1, got 0' in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_huge_block_is_refused_before_any_allocation(data, baseline, tmp_path):
     start = time.time()
     # c3d_2.53x_v2_all-convs prunes conv5b, 512 x 512: the limit the message names
@@ -197,6 +139,7 @@ def test_a_huge_block_is_refused_before_any_allocation(data, baseline, tmp_path)
     assert time.time() - start < 120
 
 
+@pytest.mark.e2e
 def test_a_profile_with_a_key_given_twice_is_refused(data, baseline, tmp_path):
     profile = tmp_path / 'twice.yaml'
     profile.write_text('prune_ratios:\n  conv2.weight: 0.5\n  conv2.weight: 0.7\n')
@@ -205,6 +148,7 @@ def test_a_profile_with_a_key_given_twice_is_refused(data, baseline, tmp_path):
     fails_cleanly(out, '`conv2.weight` is given twice (lines 2 and 3)')
 
 
+@pytest.mark.e2e
 def test_an_empty_lmdb_left_by_a_killed_writer_is_named(data, tmp_path):
     copy = tmp_path / 'data'
     shutil.copytree(data, copy)
@@ -218,13 +162,62 @@ def test_an_empty_lmdb_left_by_a_killed_writer_is_named(data, tmp_path):
     assert 'pyarrow.serialize' not in text                             # not blamed on the original's format
 
 
+@pytest.mark.e2e
 def test_checkpoints_hold_the_run_defining_options(trained):
-    for path in (glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt')) +
-                 glob.glob(os.path.join(trained['ckpt'], RUN, '*.pt'))):
-        _, meta = read_checkpoint(path)
+    # Every checkpoint the runs wrote, resume points included, as read when they were written (conftest)
+    metadata = trained['metadata']
+    assert {os.path.basename(p) for p in metadata} >= {'ucf101_c3d_baseline.pt', f'{RUN}_admm_last.pt',
+                                                        f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', f'{RUN}_2rhos.pt'}
+    for path, meta in metadata.items():
         assert meta['options']['arch'] == 'c3d' and meta['options']['seed'] == 3, path
-        assert 'rng' not in meta, path                   # one RNG mechanism: every epoch re-seeds
-    _, meta = read_checkpoint(os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt'))
+        assert 'rng' not in meta['keys'], path          # one RNG mechanism: every epoch re-seeds
+    options = metadata[os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt')]['options']
     model = build_model('c3d', 5, crop_size=16)
-    assert meta['options']['profiles'] == [admm.load_profile('c3d_2.53x_v2', model)]
-    assert meta['options']['rho_num'] == 2 and meta['options']['sparsity_type'] == ['blk-kgs']
+    assert options['profiles'] == [admm.load_profile('c3d_2.53x_v2', model)]
+    assert options['rho_num'] == 2 and options['sparsity_type'] == ['blk-kgs']
+
+
+# ----------------------------------------------------------------------------- beside a finished run
+# Last in the module: the finished run (1 GB) is removed as soon as these have run.
+
+@pytest.fixture(scope='module')
+def previous_run(request, data, baseline, tmp_path_factory):
+    """A finished ADMM run: mistaken commands must leave it where it is; a retraining starts from a copy."""
+    root = removed_when_passed(request, tmp_path_factory.mktemp('previous'))
+    run(*ADMM, '--load-path', baseline, '--data_location', data, '--ckpt-root', root, *GEOMETRY)
+    return root
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('mistake, message', [
+    (['--config-file', 'c3d_3.75x'], "profile 'c3d_3.75x' not found"),
+    (['--connectivity-block-size', 10000, 10000], 'larger than every pruned weight'),
+    (['--num-classes', 3], 'has labels up to 4'),
+    (['--teacher-path', 'nowhere.pt', '--distill'], 'nowhere.pt'),
+])
+def test_a_refused_fresh_run_leaves_the_previous_run_where_it_was(data, baseline, previous_run, mistake, message):
+    before = sorted(os.listdir(previous_run / RUN))
+    out = run(*ADMM, '--load-path', baseline, '--data_location', data, '--ckpt-root', previous_run, *GEOMETRY,
+              *mistake, check=False)
+    fails_cleanly(out, message)
+    assert sorted(os.listdir(previous_run / RUN)) == before and not glob.glob(str(previous_run / f'{RUN}_v*'))
+
+
+@pytest.mark.e2e
+def test_admm_resume_with_another_profile_is_refused(data, baseline, previous_run):
+    out = run(*ADMM, '--config-file', 'c3d_3.57x', '--resume', '--load-path', baseline, '--data_location', data,
+              '--ckpt-root', previous_run, *GEOMETRY, check=False)
+    fails_cleanly(out, 'profiles:', 'in the run being resumed')
+
+
+@pytest.mark.e2e
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(data, previous_run, tmp_path):
+    link_tree(previous_run / RUN, tmp_path / RUN)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    stale = tmp_path / RUN / f'{RUN}_1rhos.pt.tmp{dead.pid}'
+    stale.write_bytes(b'half a checkpoint')
+    run('--masked-retrain', '--epochs', 1, '--max-batches', 1, '--rho', 0.01, '--rho-num', 1, '--config-file',
+        'c3d_2.53x_v2', '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
+    assert not stale.exists()
+    assert f'removed {stale}' in (tmp_path / RUN / f'{RUN}_retrain.log').read_text()

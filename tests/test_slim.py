@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_same
 
 import admm
 from models import build_model, kgs_cpu
@@ -13,10 +14,6 @@ from models.slim import BatchNormExpand, SlimConv3d, load_model, macs, save_mode
 CLIPS = {'c3d': (2, 3, 16, 32, 32), 'r2+1d': (2, 3, 8, 32, 32), 's3d': (1, 3, 4, 32, 32)}
 # C3D's: conv5b pruned, so that pool5 loses channels (the original's c3d_3.57x leaves conv5b dense)
 PROFILES = {'c3d': 'c3d_3.57x_all-convs', 'r2+1d': 'r2+1d-pretrained_3.20x', 's3d': 's3d_2.09x'}
-
-
-def assert_same(y, ref):
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
 
 
 def trained_looking(model, seed=0):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import assert_same
 
 import admm
 from models import build_model, kgs_cpu
@@ -14,11 +15,6 @@ from models.sparse_conv import KGSConv3d, dense_exec, sparse_exec
 
 # The path sparse_exec's KGS layers take: compiled where a compiler is found (test_kgs_cpu.py checks it is).
 KGS = 'compiled' if kgs_cpu.available() else 'kgs'
-
-
-def assert_same(y, ref):
-    # float32 sums in another order: allow a few ulps of the largest output
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
 
 
 def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):

@@ -66,6 +66,7 @@ def test_layers_option_prunes_only_the_matching_weights(tmp_path, c3d, capsys):
     assert reduction == pytest.approx(1.2, rel=0.01)
 
 
+@pytest.mark.e2e
 def test_unreachable_target_exits_with_a_message_and_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, 'profile_flops.py', '--arch', 'c3d', '--crop-size', str(CROP),
                           '--target', '50', '--max-ratio', '0.5', '--out', str(tmp_path / 'p.yaml')],

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, drop
 from runner import GEOMETRY, RUN, run
 
 import admm
@@ -19,15 +19,16 @@ import profile_flops
 from models import build_model, read_checkpoint
 
 
+@pytest.mark.e2e
 def test_baseline_is_saved_under_the_original_naming(trained):
     names = [os.path.basename(p) for p in glob.glob(os.path.join(trained['ckpt'], '*.pt'))]
     best = [n for n in names if re.fullmatch(r'ucf101_c3d_baseline_epoch-\d+_top1-\d+\.\d{3}\.pt', n)]
     assert len(best) == 1, names
 
 
+@pytest.mark.e2e
 def test_run_directory_follows_the_seed_layout(trained):
-    folder = os.path.join(trained['ckpt'], RUN)
-    files = set(os.listdir(folder))
+    files = trained['files']                # what the runs wrote (conftest removes the files no test reads)
     # The original's files: stage files, the profile copy under its own name, the retrained model of the last
     # epoch, its results and plot; the best model renamed with its epoch and top-1. Ours besides: logs, kept index.
     assert {f'{RUN}_0.01.pt', f'{RUN}_0.1.pt', 'c3d_2.53x_v2.yaml', f'{RUN}_2rhos.pt', f'{RUN}_2rhos_results.npz',
@@ -38,6 +39,7 @@ def test_run_directory_follows_the_seed_layout(trained):
     assert not any('.tmp' in f for f in files)
 
 
+@pytest.mark.e2e
 def test_retraining_results_hold_the_originals_loss_and_acc(trained):
     folder = os.path.join(trained['ckpt'], RUN)
     results = np.load(os.path.join(folder, f'{RUN}_2rhos_results.npz'))
@@ -47,6 +49,7 @@ def test_retraining_results_hold_the_originals_loss_and_acc(trained):
     assert meta['epoch'] == 3 and {'optimizer', 'top1'} <= set(meta) and meta['top1'] == results['acc'][-1]
 
 
+@pytest.mark.e2e
 def test_logs_hold_the_command_options_batches_and_epochs(trained):
     text = open(os.path.join(trained['ckpt'], RUN, f'{RUN}_admm.log')).read()
     assert 'command: ' in text and '--admm' in text
@@ -60,12 +63,14 @@ def test_logs_hold_the_command_options_batches_and_epochs(trained):
     assert text.count('stage 1/2') == 1 and text.count('stage 2/2') == 1
 
 
+@pytest.mark.e2e
 def test_admm_stage_files_hold_z_and_u(trained):
-    _, meta = read_checkpoint(os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt'))
+    meta = trained['metadata'][os.path.join(trained['ckpt'], RUN, f'{RUN}_0.1.pt')]     # as written (conftest)
     assert meta['rho'] == pytest.approx(0.1)
-    assert set(meta['admm']['Z']) == set(admm.load_profile('c3d_2.53x_v2', build_model('c3d', 5, crop_size=16)))
+    assert meta['admm_z'] == set(admm.load_profile('c3d_2.53x_v2', build_model('c3d', 5, crop_size=16)))
 
 
+@pytest.mark.e2e
 def test_retrained_weights_have_exactly_the_profile_group_structure(trained):
     folder = os.path.join(trained['ckpt'], RUN)
     final = glob.glob(os.path.join(folder, f'{RUN}_2rhos_epoch-*.pt'))[0]
@@ -87,6 +92,7 @@ def test_retrained_weights_have_exactly_the_profile_group_structure(trained):
     assert f"epoch-{meta['epoch']}_top1-{meta['top1']:.3f}.pt" in final       # the best epoch, named
 
 
+@pytest.mark.e2e
 def test_learning_rate_warms_up_then_anneals(trained):
     folder = os.path.join(trained['ckpt'], RUN)
     lr = np.load(os.path.join(folder, f'{RUN}_2rhos_results.npz'))['lr']     # the rate of each epoch's first batch
@@ -97,6 +103,7 @@ def test_learning_rate_warms_up_then_anneals(trained):
     assert lr[2] == pytest.approx(4e-8 + (1e-3 - 4e-8) * (1 + np.cos(np.pi * n / (3 * n))) / 2)
 
 
+@pytest.mark.e2e
 def test_evaluate_reports_accuracy_sparsity_and_flops(trained, data):
     final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
     out = run('--evaluate', '--load-path', final, *trained['common'])
@@ -108,6 +115,7 @@ def test_evaluate_reports_accuracy_sparsity_and_flops(trained, data):
     assert 'density' in out.stdout
 
 
+@pytest.mark.e2e
 def test_new_admm_run_moves_the_old_directory_aside(trained, data, tmp_path):
     ckpt = tmp_path / 'ck'
     os.makedirs(ckpt / RUN)
@@ -121,11 +129,13 @@ def test_new_admm_run_moves_the_old_directory_aside(trained, data, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 
+@pytest.mark.e2e
 def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(trained, data, tmp_path):
     baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
     args = ['--admm', '--epochs', 3, '--admm-epochs', 2, '--rho', 0.01, '--rho-num', 1, '--load-path', baseline,
             '--lr', 0.001, '--data_location', data, *GEOMETRY]
     run(*args, '--ckpt-root', tmp_path / 'straight')
+    drop(tmp_path / 'straight' / RUN / '*_last.pt')        # only the stage file is compared
 
     killed = tmp_path / 'killed'
     log = killed / RUN / f'{RUN}_admm.log'
@@ -165,11 +175,13 @@ def test_atomic_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- errors
 
+@pytest.mark.e2e
 def test_admm_with_masked_retrain_is_refused():
     out = run('--admm', '--masked-retrain', check=False)
     assert out.returncode == 2 and '--admm and --masked-retrain cannot be combined' in out.stderr
 
 
+@pytest.mark.e2e
 def test_missing_baseline_names_the_paths_and_how_to_train_one(data, tmp_path):
     out = run('--admm', '--epochs', 1, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, check=False)
     assert out.returncode == 1
@@ -177,6 +189,7 @@ def test_missing_baseline_names_the_paths_and_how_to_train_one(data, tmp_path):
     assert 'Traceback' not in out.stdout + out.stderr
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_class_count_is_refused(trained, data, tmp_path):
     baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
     args = [a if a != '5' else '7' for a in GEOMETRY]
@@ -185,6 +198,7 @@ def test_checkpoint_of_another_class_count_is_refused(trained, data, tmp_path):
     assert out.returncode == 1 and 'fc8.weight' in out.stdout and '--num-classes 5' in out.stdout
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_architecture_is_refused(trained, data, tmp_path):
     baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
     args = [a if a != 'c3d' else 'r2+1d' for a in GEOMETRY]
@@ -192,6 +206,7 @@ def test_checkpoint_of_another_architecture_is_refused(trained, data, tmp_path):
     assert out.returncode == 1 and 'missing keys' in out.stdout and 'Traceback' not in out.stderr
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_before_saving(trained, data, tmp_path):
     baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
     state, _ = read_checkpoint(baseline)
@@ -204,18 +219,21 @@ def test_non_finite_loss_stops_before_saving(trained, data, tmp_path):
     assert not glob.glob(str(tmp_path / RUN / '*.pt'))
 
 
+@pytest.mark.e2e
 def test_retrain_without_admm_run_says_what_to_do(data, tmp_path):
     out = run('--masked-retrain', '--epochs', 1, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY,
               check=False)
     assert out.returncode == 1 and 'Run the ADMM phase first' in out.stdout and '--load-path' in out.stdout
 
 
+@pytest.mark.e2e
 def test_resume_without_a_previous_run_is_an_error(data, tmp_path):
     out = run('--masked-retrain', '--resume', '--epochs', 1, '--load-path', 'x.pt', '--data_location', data,
               '--ckpt-root', tmp_path, *GEOMETRY, check=False)
     assert out.returncode == 1 and 'nothing to resume' in out.stdout
 
 
+@pytest.mark.e2e
 def test_missing_data_names_the_list_file(tmp_path):
     out = run('--baseline', '--epochs', 1, '--data_location', tmp_path, '--ckpt-root', tmp_path, *GEOMETRY,
               check=False)
@@ -224,6 +242,7 @@ def test_missing_data_names_the_list_file(tmp_path):
 
 # ----------------------------------------------------------------------------- distributed
 
+@pytest.mark.e2e
 def test_torchrun_with_two_cpu_processes(trained, data, tmp_path):
     baseline = glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
     common = ['--rho', 0.01, '--rho-num', 1, '--config-file', 'c3d_2.53x_v2',
@@ -238,6 +257,7 @@ def test_torchrun_with_two_cpu_processes(trained, data, tmp_path):
         out = subprocess.run(torchrun + [str(a) for a in phase + common], cwd=ROOT, capture_output=True, text=True,
                              env=env, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        drop(tmp_path / RUN / '*_admm_last.pt')          # retraining starts from the stage file
     text = open(tmp_path / RUN / f'{RUN}_admm.log').read()
     assert 'Z and U updated (identical on 2 processes)' in text
     assert 'identical on 2 processes' in open(tmp_path / RUN / f'{RUN}_retrain.log').read()
@@ -248,10 +268,10 @@ def test_torchrun_with_two_cpu_processes(trained, data, tmp_path):
     assert len(final) == 1
 
 
+@pytest.mark.e2e
 def test_original_recipe_script_runs_both_phases(trained, data, tmp_path):
-    import shutil
     for f in glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt')):
-        shutil.copy(f, tmp_path)                        # the teacher for --distill and the ADMM start
+        os.link(f, tmp_path / os.path.basename(f))     # the teacher for --distill and the ADMM start
     env = {**os.environ, 'PYTHON': sys.executable, 'DATA': data, 'ADMM_EPOCHS': '1', 'RETRAIN_EPOCHS': '2'}
     extra = ['--ckpt-root', str(tmp_path), '--rho-num', '1', '--warmup-epochs', '1', '--max-batches', '1',
              *GEOMETRY]
@@ -270,6 +290,7 @@ def baseline_of(trained):
     return glob.glob(os.path.join(trained['ckpt'], 'ucf101_c3d_baseline_epoch-*.pt'))[0]
 
 
+@pytest.mark.e2e
 def test_reweighted_then_masked_retrain(trained, data, tmp_path):
     common = ['--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY, '--config-file', 'c3d_2.53x_v2',
               '--max-batches', 2]
@@ -282,6 +303,7 @@ def test_reweighted_then_masked_retrain(trained, data, tmp_path):
     assert glob.glob(str(tmp_path / RUN / f'{RUN}_rew_retrained_epoch-1_top1-*.pt'))
 
 
+@pytest.mark.e2e
 def test_one_shot_pruning_of_the_baseline(trained, data, tmp_path):
     run('--masked-retrain', '--epochs', 1, '--load-path', baseline_of(trained), '--max-batches', 1,
         '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY)
@@ -292,6 +314,7 @@ def test_one_shot_pruning_of_the_baseline(trained, data, tmp_path):
     assert torch.equal(state['conv2.weight'], expected) and (state['conv2.weight'] == 0).float().mean() > 0.5
 
 
+@pytest.mark.e2e
 def test_two_profiles_at_once_multiply_their_masks(trained, data, tmp_path):
     run_dir = tmp_path / 'ucf101_c3d_kgr+kgc-r8c4'
     common = ['--sparsity-type', 'kgr', 'kgc', '--config-file', 'c3d_2.00x_uniform', 'c3d_2.53x_v2',
@@ -307,6 +330,7 @@ def test_two_profiles_at_once_multiply_their_masks(trained, data, tmp_path):
     assert not w[~both].any()
 
 
+@pytest.mark.e2e
 def test_export_compact_and_onnx(trained, tmp_path):
     pytest.importorskip('onnx')
     final = glob.glob(os.path.join(trained['ckpt'], RUN, f'{RUN}_2rhos_epoch-*.pt'))[0]
@@ -320,6 +344,7 @@ def test_export_compact_and_onnx(trained, tmp_path):
     assert (tmp_path / 'model.compact.onnx').stat().st_size > 1e6
 
 
+@pytest.mark.e2e
 def test_onnx_without_export_is_refused():
     out = run('--evaluate', '--onnx', check=False)
     assert out.returncode == 2 and '--onnx goes with --export' in out.stderr
