@@ -1,8 +1,8 @@
 """Structured-sparsity projections, ADMM state, hard pruning and retraining masks.
 
 Everything that touches weights works on a `(groups x members)` view of the weight, so no
-Python loop runs over blocks, groups or elements. The rules are those of ALGORITHM.md
-section 2; `project()` is the one place they live.
+Python loop runs over blocks, groups or elements. The rules are those of docs/algorithm.md
+section 3; `project()` is the one place they live.
 """
 import difflib
 import math
@@ -202,7 +202,7 @@ def select_groups(scores, ratio, sparsity_type, block_size=(8, 4)):
 
 def project(weight, ratio, sparsity_type, block_size=(8, 4), return_keep=False):
     """Project `weight` onto the sparsity pattern: the groups scoring at or below the
-    `100*ratio`-th percentile become zero, the rest is untouched (ALGORITHM.md section 2).
+    `100*ratio`-th percentile become zero, the rest is untouched (docs/algorithm.md section 3).
 
     With `return_keep=True` also returns the boolean kept-group grid (see `keep_groups`).
     """

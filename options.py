@@ -1,7 +1,7 @@
 """Every option of `opt_main.py`, grouped by topic.
 
 Every spelling of the original's `options.py` is accepted with its meaning and default
-(`../shared/spec/ORIGINAL_CLI.md`); the README's "Differences from the original" lists the few
+(docs/original.md); the README's "Differences from the original" lists the few
 defaults that differ and why. Values are checked here, so a bad one stops the run before it
 touches a file.
 """

@@ -56,7 +56,7 @@ ARCHITECTURES = {
                         s3d.channel_links),
 }
 ARCHS = tuple(ARCHITECTURES)
-# Clip geometry per architecture (DATA_AND_MODELS.md): frames, crop, and the short-side
+# Clip geometry per architecture (docs/models_and_data.md): frames, crop, and the short-side
 # scale range for training (validation uses the lower end).
 DEFAULT_GEOMETRY = {name: dict(num_frames=a.num_frames, crop_size=a.crop_size, scale_range=a.scale_range)
                     for name, a in ARCHITECTURES.items()}

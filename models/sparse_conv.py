@@ -9,7 +9,7 @@ matching rows of the im2col matrix. `KGSConv3d` builds only those rows, with one
 of contiguous runs of the zero-padded input (no full im2col), and multiplies every block row in
 one batched matmul, each row's columns padded to the largest count. The kept pattern is read
 from the weight's zeros, so any pruned checkpoint works; the work saved grows with gM, since
-each gathered row feeds gM filters (README section 8 has the measured trade-off).
+each gathered row feeds gM filters (docs/speed.md has the measured trade-off).
 
 Where a C++ compiler is at hand, `sparse_exec` uses `CompiledKGSConv3d` instead: the same module
 and file format, run by the compiled direct convolution of `models/kgs_cpu.py` on the CPU
@@ -31,7 +31,7 @@ from . import kgs_cpu
 log = logging.getLogger(__name__)
 
 # Cost model, in units of one MAC of oneDNN's dense conv3d, fitted to C3D's layers on a 2-core
-# AVX-512 CPU (README section 8): a MAC of the KGS GEMM costs `_MAC`, and each gathered input element
+# AVX-512 CPU (docs/speed.md): a MAC of the KGS GEMM costs `_MAC`, and each gathered input element
 # `_ELEMENT` more (written by the gather, then streamed once per block row: small blocks pay it
 # for few MACs). Used only to keep a layer dense where the KGS path would not gain.
 _MAC, _ELEMENT = 1.6, 38.0

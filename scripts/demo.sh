@@ -52,5 +52,6 @@ for name, r in (("dense baseline", base), ("KGS-pruned", pruned)):
     print(f"{name:<18}{r['top1']:>9.2f}{r['top5']:>9.2f}{r['pruned_gmacs']:>9.3f}  {r['checkpoint']}")
 print(f"FLOPs reduction {pruned['flops_reduction']:.2f}x, parameters reduction {pruned['params_reduction']:.2f}x, "
       f"top-1 change {pruned['top1'] - base['top1']:+.2f} points; {seconds // 60} min {seconds % 60} s in all")
-print(f"logs, curves (.png) and the kept-group index (.npz): {demo}/checkpoint/ucf101_c3d_blk-kgs-r8c4/")
+print(f"logs, per-epoch results (_results.npz, plotted in _results.pdf) and the kept-group index (_kept.npz): "
+      f"{demo}/checkpoint/ucf101_c3d_blk-kgs-r8c4/")
 PY

@@ -1,4 +1,4 @@
-"""A deliberately plain, loop-per-group rendering of ALGORITHM.md section 2 with numpy.
+"""A deliberately plain, loop-per-group rendering of docs/algorithm.md section 3 with numpy.
 
 The tests compare the vectorised `admm.project` with it; the speed benchmark uses it as the
 naive baseline.

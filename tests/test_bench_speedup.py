@@ -3,6 +3,8 @@ runtimes are timed in turn, and a small run prints both tables with PyTorch and 
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 import bench_speedup  # noqa: E402
 
@@ -41,6 +43,7 @@ def test_the_default_profile_is_the_all_convs_one_where_it_exists(tmp_path, monk
     assert bench_speedup.default_profile('c3d_3.57x') == 'c3d_3.57x_all-convs'
 
 
+@pytest.mark.e2e
 def test_a_small_run_prints_both_tables_with_pytorch_and_onnxruntime(tmp_path):
     out = tmp_path / 'speed.md'
     bench_speedup.main(['--arch', 'c3d', '--crop', '16', '--block-sizes', 'all', '--runtimes', 'torch', 'onnxruntime',

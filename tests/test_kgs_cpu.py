@@ -398,6 +398,7 @@ print('portable ok')
 """
 
 
+@pytest.mark.e2e
 def test_the_portable_build_computes_the_same(tmp_path):
     """The C++ path for CPUs without AVX2 (built here with RT3D_KGS_ISA=portable, in its own process)."""
     if not (shutil.which('c++') and shutil.which('ninja')):

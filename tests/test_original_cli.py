@@ -1,4 +1,4 @@
-"""The original's command lines, defaults and schedules (ORIGINAL_CLI.md), rule by rule."""
+"""The original's command lines, defaults and schedules (docs/original.md), rule by rule."""
 import json
 import math
 import os
@@ -55,7 +55,7 @@ def test_the_originals_commands_parse(command):
         assert args.epochs == int(command.split('--epoch ')[1].split()[0])
 
 
-# The original's recipe scripts' settings (ORIGINAL_PROFILES.md, "recipe scripts"), written out:
+# The original's recipe scripts' settings (docs/original.md, "The original's recipe scripts"), written out:
 # arch, profile, --rho-num, ADMM epochs, retraining epochs.
 RECIPE_SCRIPTS = {
     'blk-kgs_c3d.sh': ('c3d', 'c3d_2.53x_v2', 4, 1, 1),

@@ -88,7 +88,7 @@ def arch_of(profile_name):
 
 
 # The original's profiles: the ratios the RT3D authors' group published under these names
-# (ORIGINAL_PROFILES.md), written out here key by key; every layer not listed stays dense.
+# (docs/profiles.md, "The original's"), written out here key by key; every layer not listed stays dense.
 R21D_LAYER1 = ['module.layer1.0.conv1.0.0.weight', 'module.layer1.0.conv1.0.3.weight',
                'module.layer1.0.conv2.0.0.weight', 'module.layer1.0.conv2.0.3.weight',
                'module.layer1.1.conv1.0.0.weight', 'module.layer1.1.conv1.0.3.weight',
@@ -113,7 +113,7 @@ ORIGINAL = {
         'module.inception4e.branch2.1.conv.weight': 0.7, 'module.inception4e.branch2.1.conv_t.weight': 0.7,
     },
 }
-# What our counter measures for them (blk-kgs 8x4, 16 frames at 112, S3D at 224), as ORIGINAL_PROFILES.md
+# What our counter measures for them (blk-kgs 8x4, 16 frames at 112, S3D at 224), as docs/profiles.md
 # states it (to 3 decimals; S3D's to 2). s3d_2.09x is the one name that does not hold: it measures
 # 1.78x and keeps the original's name.
 ORIGINAL_MEASURED = {'c3d_2.53x_v2': 2.529, 'c3d_3.57x': 3.568, 'r2+1d-pretrained_2.56x': 2.568,

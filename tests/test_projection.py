@@ -1,4 +1,4 @@
-"""admm.project: the group rules of ALGORITHM.md section 2."""
+"""admm.project: the group rules of docs/algorithm.md section 3."""
 import numpy as np
 import pytest
 import torch

@@ -81,7 +81,7 @@ def clip_dataset(root: str, name: str, split: str, is_train: bool, num_frames: i
     from dataset import VideoDataSet, VideoDataSetLMDB, dataset_facts, get_augmentor, split_files
     list_file, lmdb_path = split_files(root, name, split)
     if not os.path.isfile(list_file):
-        raise UserError(f"list file {list_file} not found. Prepare the data first (README, 'Data preparation'): "
+        raise UserError(f"list file {list_file} not found. Prepare the data first (dataset/README.md): "
                         f"dataset/extract_videos.py writes it, dataset/create_lmdb.py the "
                         f"{os.path.basename(lmdb_path)} beside it; "
                         f"or point --data_location at the folder holding {os.path.basename(root)}/")

@@ -290,6 +290,6 @@ def find_baseline(ckpt_root: str, dataset: str, arch: str, data_location: str) -
     looked = ([os.path.join(ckpt_root, original)] if original else []) + [pattern]
     raise UserError(
         f"no baseline checkpoint for {dataset} / {arch}: looked for {' and '.join(looked)}.\n"
-        f"Download the original's baseline into {ckpt_root}/ (README, 'Baseline models'), pass "
-        f"--load-path PATH, or train one: python opt_main.py --baseline --arch {arch} --dataset {dataset} "
-        f"--data_location {data_location}")
+        f"Download the original's baseline into {ckpt_root}/ (docs/models_and_data.md, 'The original's baseline "
+        f"files'), pass --load-path PATH, or train one: python opt_main.py --baseline --arch {arch} "
+        f"--dataset {dataset} --data_location {data_location}")
