@@ -21,6 +21,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 from runner import GEOMETRY, RUN, make_data, run  # noqa: E402
 
+import admm  # noqa: E402
 from models import build_model, read_checkpoint  # noqa: E402
 
 KEEP = bool(os.environ.get('KEEP_TEST_FILES'))
@@ -151,6 +152,31 @@ def random_weight(shape, seed=0):
 def assert_same(y, ref):
     # float32 sums in another order: allow a few ulps of the largest output
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):
+    """A Conv3d with random weights projected onto blk-kgs at `block`, `ratio` of the groups zero."""
+    torch.manual_seed(seed)
+    conv = nn.Conv3d(i, o, kernel, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(admm.project(conv.weight, ratio, 'blk-kgs', block))
+    return conv
+
+
+def trained_looking(model, seed=0):
+    """`model` in eval mode with non-zero biases and BatchNorm statistics, as after training: pruned
+    channels carry constants and folding a BatchNorm changes the weights."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.5)
+            elif isinstance(m, (nn.Conv3d, nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model.eval()
 
 
 class Tiny(nn.Module):

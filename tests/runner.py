@@ -1,7 +1,9 @@
 """Running opt_main.py as a user does, on a tiny generated dataset at 16x16x16 (see conftest.py)."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = 'ucf101_c3d_blk-kgs-r8c4'
@@ -16,6 +18,20 @@ def run(*args, check=True, env=None, timeout=600):
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def kill_when_logged(*args, log, marker='epoch 2 batch 1/', timeout=300):
+    """Start `python opt_main.py ARGS` and kill it (SIGKILL, no chance to save) as soon as `log` holds
+    `marker`; by default, when the second epoch has started."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and marker in open(log).read():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def fails_cleanly(out, *expected, code=1):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from runner import GEOMETRY, ROOT, RUN, fails_cleanly, run
+from runner import GEOMETRY, ROOT, RUN, fails_cleanly, kill_when_logged, run
 
 import admm
 from models import build_model, read_checkpoint
@@ -58,15 +58,7 @@ def test_a_resumed_retraining_ends_with_the_weights_of_an_uninterrupted_one(data
     run(*args, '--ckpt-root', tmp_path / 'straight')
     cut = tmp_path / 'cut'
     log = cut / RUN / f'{RUN}_retrain.log'
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args), '--ckpt-root',
-                             str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and 'epoch 2 batch 1/' in log.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_logged(*args, '--ckpt-root', cut, log=log)
     assert not glob.glob(str(cut / RUN / f'{RUN}_oneshot_epoch-*.pt')), 'the run finished before it could be killed'
     run(*args, '--ckpt-root', cut, '--resume')
     a, _ = read_checkpoint(glob.glob(str(tmp_path / 'straight' / RUN / f'{RUN}_oneshot.pt'))[0])

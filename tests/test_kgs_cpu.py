@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import pruned_conv, trained_looking
 
 import admm
 from models import build_model, kgs_cpu
@@ -191,14 +192,6 @@ def test_compiled_max_pool_equals_pytorch_s_nan_included(pool, threads):
 
 # ----------------------------------------------------------------------------- the module in models
 
-def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):
-    torch.manual_seed(seed)
-    conv = nn.Conv3d(i, o, kernel, **kw)
-    with torch.no_grad():
-        conv.weight.copy_(admm.project(conv.weight, ratio, 'blk-kgs', block))
-    return conv
-
-
 @needs_kernel
 def test_compiled_module_equals_the_conv_and_rebuilds_when_its_weights_change():
     conv = pruned_conv(20, 12, 3, padding=1)
@@ -229,21 +222,6 @@ def test_compiled_module_with_gradients_or_copies_runs_as_kgsconv3d():
     assert meta(torch.empty(2, 8, 3, 9, 9, device='meta')).shape == (2, 12, 3, 5, 5)
 
 
-def trained_looking(model):
-    """Non-zero biases and BatchNorm statistics, as after training (so folding BatchNorms changes weights)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.5)
-            elif isinstance(m, nn.Conv3d) and m.bias is not None:
-                m.bias.normal_(0, 0.5)
-    return model.eval()
-
-
 ARCHS = {'c3d': ((1, 3, 16, 32, 32), 'c3d_3.57x', {'crop_size': 32}),
          'r2+1d': ((2, 3, 8, 32, 32), 'r2+1d-pretrained_3.20x', {}),
          's3d': ((1, 3, 4, 32, 32), 's3d_2.09x', {})}
@@ -254,7 +232,7 @@ ARCHS = {'c3d': ((1, 3, 16, 32, 32), 'c3d_3.57x', {'crop_size': 32}),
 def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_outputs(arch, tmp_path):
     clip, profile, geometry = ARCHS[arch]
     torch.manual_seed(0)
-    model = trained_looking(build_model(arch, 5, **geometry))
+    model = trained_looking(build_model(arch, 5, **geometry), seed=1)
     ratios = admm.load_profile(profile, model)
     admm.hard_prune(model, ratios, 'blk-kgs', (8, 4))
     x = torch.randn(clip)

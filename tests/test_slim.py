@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_same
+from conftest import assert_same, trained_looking
 
 import admm
 from models import build_model, kgs_cpu
@@ -14,21 +14,6 @@ from models.slim import BatchNormExpand, SlimConv3d, load_model, macs, save_mode
 CLIPS = {'c3d': (2, 3, 16, 32, 32), 'r2+1d': (2, 3, 8, 32, 32), 's3d': (1, 3, 4, 32, 32)}
 # C3D's: conv5b pruned, so that pool5 loses channels (the original's c3d_3.57x leaves conv5b dense)
 PROFILES = {'c3d': 'c3d_3.57x_all-convs', 'r2+1d': 'r2+1d-pretrained_3.20x', 's3d': 's3d_2.09x'}
-
-
-def trained_looking(model, seed=0):
-    """Non-zero biases and BatchNorm statistics, so pruned channels carry constants as after training."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.5)
-            elif isinstance(m, (nn.Conv3d, nn.Linear)) and m.bias is not None:
-                m.bias.normal_(0, 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_same
+from conftest import assert_same, pruned_conv
 
 import admm
 from models import build_model, kgs_cpu
@@ -15,14 +15,6 @@ from models.sparse_conv import KGSConv3d, dense_exec, sparse_exec
 
 # The path sparse_exec's KGS layers take: compiled where a compiler is found (test_kgs_cpu.py checks it is).
 KGS = 'compiled' if kgs_cpu.available() else 'kgs'
-
-
-def pruned_conv(o, i, kernel, block=(8, 4), ratio=0.6, seed=0, **kw):
-    torch.manual_seed(seed)
-    conv = nn.Conv3d(i, o, kernel, **kw)
-    with torch.no_grad():
-        conv.weight.copy_(admm.project(conv.weight, ratio, 'blk-kgs', block))
-    return conv
 
 
 # (out, in, kernel, stride, padding, dilation, input (N, I, T, H, W)); out / in not multiples of 8 / 4

@@ -3,16 +3,14 @@ import glob
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, drop
-from runner import GEOMETRY, RUN, run
+from runner import GEOMETRY, RUN, kill_when_logged, run
 
 import admm
 import profile_flops
@@ -139,16 +137,7 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(trained, data,
 
     killed = tmp_path / 'killed'
     log = killed / RUN / f'{RUN}_admm.log'
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args),
-                             '--ckpt-root', str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and 'epoch 2 batch 1/' in log.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_logged(*args, '--ckpt-root', killed, log=log)
     assert not (killed / RUN / f'{RUN}_0.01.pt').exists(), 'the run finished before it could be killed'
     run(*args, '--ckpt-root', killed, '--resume')
 
