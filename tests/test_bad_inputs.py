@@ -150,14 +150,20 @@ def test_resuming_a_finished_retraining_says_it_finished_and_where_its_result_is
 @pytest.mark.e2e
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(data, tmp_path):
     args = ['--baseline', '--epochs', 50, '--data_location', data, '--ckpt-root', tmp_path, *GEOMETRY]
+    # As from a terminal: a shell without job control starts background commands with SIGINT ignored,
+    # and Python keeps it ignored, so the child gets the default disposition back explicitly.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'opt_main.py'), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     saved = tmp_path / 'ucf101_c3d_baseline.pt'
-    deadline = time.time() + 300
-    while not saved.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 300
+        while not saved.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     text = stdout + stderr
     assert proc.returncode == 130 and 'Traceback' not in text, text[-3000:]
     line = next(line for line in text.splitlines() if line.startswith('interrupted: '))
