@@ -5,7 +5,7 @@
 # cut short still reports what it finished.
 #   bash bench/run_gpu.sh                 # QUALITY=1 also runs the (long) quality benchmark
 # On a machine without lmdb / av / scikit-video, put their cp312 wheels in .whl/ first (they are
-# installed from there; see README, "Benchmarks").
+# installed from there; see docs/benchmarks.md, "On a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

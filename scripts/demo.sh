@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole method on a dataset made on the spot: runs on any machine (2 CPU cores are enough,
-# no download) in about 13 minutes (12.5-13.5 minutes measured).
+# no download) in about DEMO_MINUTES minutes.
 #   1. writes a small synthetic action dataset as real .avi videos: the camera pans up or down,
 #      zooms in or out, or stays still over a random textured scene (only motion tells the
 #      classes apart, and a horizontal flip changes none of them);
@@ -8,8 +8,8 @@
 #   3. trains a dense C3D baseline on 16x16x16 clips, ADMM-prunes it with kernel group sparsity
 #      (KGS, blocks 8x4) under the c3d_3.57x profile, masked-retrains it, and evaluates both.
 # Override with environment variables: DEMO_DIR (default demo), PRESET (camera, motion, shapes),
-# BASELINE_EPOCHS, ADMM_EPOCHS, RETRAIN_EPOCHS, CONFIG, PYTHON; extra arguments go to every
-# opt_main.py call (e.g. --no-cuda).
+# VIDEOS_PER_CLASS (training videos, default 100), BASELINE_EPOCHS, ADMM_EPOCHS, RETRAIN_EPOCHS,
+# CONFIG, PYTHON; extra arguments go to every opt_main.py call (e.g. --no-cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -21,7 +21,7 @@ CKPT="$DEMO/checkpoint"
 start=$(date +%s)
 
 if [ ! -f "$DATA/ucf101_frame/val.lmdb" ]; then
-    "$PYTHON" dataset/make_synthetic.py --out "$DATA" --preset "$PRESET" --videos-per-class 200 --test-per-class 30
+    "$PYTHON" dataset/make_synthetic.py --out "$DATA" --preset "$PRESET" --videos-per-class "${VIDEOS_PER_CLASS:-100}" --test-per-class 30
     "$PYTHON" dataset/extract_videos.py -d ucf101 --root "$DATA" --short-side 0
     "$PYTHON" dataset/create_lmdb.py -d "$DATA/ucf101_frame" -s train
     "$PYTHON" dataset/create_lmdb.py -d "$DATA/ucf101_frame" -s val
