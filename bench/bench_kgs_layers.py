@@ -76,17 +76,7 @@ def timed_rounds(fns, reps, threads, clock='wall'):
             peaks.append(kgs_cpu.fma_peak_gmacs(threads, cached=False))
     fns = list(fns) + [peak]
     with torch.no_grad():
-        if clock == 'cpu':
-            times = [[] for _ in fns]
-            for i in range(reps + 1):
-                for t, fn in zip(times, fns):
-                    start = time.process_time()
-                    fn()
-                    if i:
-                        t.append(time.process_time() - start)
-            times = [statistics.median(t) for t in times]
-        else:
-            times = interleaved_medians(fns, reps)
+        times = interleaved_medians(fns, reps, time.process_time if clock == 'cpu' else time.perf_counter)
     return times[:-1], statistics.median(peaks[1:] or peaks)
 
 

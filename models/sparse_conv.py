@@ -519,15 +519,16 @@ def _conv_inputs(model, example_input):
     return seen
 
 
-def interleaved_medians(fns, reps):
-    """Median seconds of each callable, called in turn (after one warm-up round), so load hits all alike."""
+def interleaved_medians(fns, reps, clock=time.perf_counter):
+    """Median seconds of each callable, called in turn (after one warm-up round), so load hits all alike.
+    `clock`: wall time by default; `time.process_time` for the CPU time the calls took."""
     times = [[] for _ in fns]
     for i in range(reps + 1):
         for t, fn in zip(times, fns):
-            start = time.perf_counter()
+            start = clock()
             fn()
             if i:
-                t.append(time.perf_counter() - start)
+                t.append(clock() - start)
     return [statistics.median(t) for t in times]
 
 
