@@ -179,6 +179,17 @@ def trained_looking(model, seed=0):
     return model.eval()
 
 
+def kgs_pruned_c3d(block):
+    """C3D at 16x32x32 (5 classes, seed 0, eval mode) hard-pruned with the original's c3d_3.57x under
+    blk-kgs at `block`, a clip and the model's output on it: (model, clip, output)."""
+    torch.manual_seed(0)
+    model = build_model('c3d', 5, crop_size=32).eval()
+    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', block)
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
 class Tiny(nn.Module):
     """Two 3x3x3 convs and a classifier; `filters` of conv2 (45: kgr's last block has padding rows)."""
 

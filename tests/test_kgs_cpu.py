@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import pruned_conv, trained_looking
+from conftest import assert_same, kgs_pruned_c3d, pruned_conv, trained_looking
 
 import admm
 from models import build_model, kgs_cpu
@@ -317,19 +317,14 @@ def test_disabled_by_the_environment_the_torch_path_runs_and_says_why(monkeypatc
     monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
     assert not kgs_cpu.available()
     assert 'RT3D_NO_COMPILED_KGS' in kgs_cpu.why_unavailable()
-    torch.manual_seed(0)
-    model = build_model('c3d', 5, crop_size=32).eval()
-    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (8, 4))
-    x = torch.randn(1, 3, 16, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = kgs_pruned_c3d((8, 4))
     with caplog.at_level(logging.INFO, logger='models'):
         report = sparse_exec(model, (8, 4), min_speedup=0)
     said = [r.getMessage() for r in caplog.records if 'not available' in r.getMessage()]
     assert len(said) == 1 and 'RT3D_NO_COMPILED_KGS' in said[0]
     assert report['conv3b']['path'] == 'kgs' and type(model.conv3b) is KGSConv3d
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+        assert_same(model(x), ref)
 
 
 def test_a_compiled_module_loaded_where_the_kernel_is_disabled_runs_the_torch_path(monkeypatch, caplog):

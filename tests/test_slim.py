@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_same, trained_looking
+from conftest import assert_same, kgs_pruned_c3d, trained_looking
 
 import admm
 from models import build_model, kgs_cpu
@@ -158,12 +158,7 @@ def test_faster_model_slims_filter_models_and_runs_kgs_models_from_their_kept_gr
     from models.sparse_conv import KGSConv3d
     slim, report = faster_model(models['c3d'], 'c3d', 'filter')
     assert report['slim']['conv2']['kept'] < report['slim']['conv2']['channels'] and not report['kgs']
-    torch.manual_seed(0)
-    model = build_model('c3d', 5, crop_size=32).eval()
-    admm.hard_prune(model, admm.load_profile('c3d_3.57x', model), 'blk-kgs', (512, 4))
-    x = torch.randn(1, 3, 16, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = kgs_pruned_c3d((512, 4))
     fast, report = faster_model(model, 'c3d', ['blk-kgs'], (512, 4))
     path = 'compiled' if kgs_cpu.available() else 'kgs'
     assert isinstance(fast.conv3b, KGSConv3d) and report['kgs']['conv3b']['path'] == path
