@@ -48,6 +48,17 @@ def test_retraining_results_hold_the_originals_loss_and_acc(trained):
 
 
 @pytest.mark.e2e
+def test_admm_results_hold_every_stage_s_epochs_in_order(trained):
+    folder = os.path.join(trained['ckpt'], RUN)
+    results = np.load(os.path.join(folder, f'{RUN}_admm_results.npz'))
+    # 2 rhos x 2 epochs, as the log reported them epoch by epoch
+    log = open(os.path.join(folder, f'{RUN}_admm.log')).read()
+    logged = re.findall(r'epoch \d+/2: .* val loss [\d.]+ top-1 ([\d.]+)', log)
+    assert len(results['acc']) == len(logged) == 4
+    assert [f'{v:.2f}' for v in results['acc']] == logged
+
+
+@pytest.mark.e2e
 def test_logs_hold_the_command_options_batches_and_epochs(trained):
     text = open(os.path.join(trained['ckpt'], RUN, f'{RUN}_admm.log')).read()
     assert 'command: ' in text and '--admm' in text

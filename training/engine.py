@@ -308,13 +308,14 @@ def fit(model, data: Data, recipe: Recipe, env: Env, schedule, *, meta, resume_p
         v1, v5, vloss = evaluate(wrapped, data.val, env.device, recipe.max_batches, recipe.amp_dtype,
                                  recipe.channels_last)
         lr = updater.epoch_lr
-        for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
+        figures = dict(zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)))
+        for k, v in figures.items():
             history[k].append(v)
         log.info(f"epoch {epoch}/{recipe.epochs}: train loss {loss:.4f} top-1 {top1:.2f} | val loss {vloss:.4f} "
                  f"top-1 {v1:.2f} top-5 {v5:.2f} | lr {lr:.2e} | {time.perf_counter() - tick:.0f} s")
         step = stage * recipe.epochs + epoch
         if board is not None:
-            for k, v in zip(HISTORY_KEYS, (loss, top1, vloss, v1, v5, lr)):
+            for k, v in figures.items():
                 board.add_scalar(f"{k.split('_')[0]}/{k}", v, step)
         if regulariser is not None and (regulariser.reports_after(epoch) or epoch == recipe.epochs):
             log_report(regulariser, board, step)

@@ -282,9 +282,9 @@ def find_baseline(ckpt_root: str, dataset: str, arch: str, data_location: str) -
     original = original_baseline(arch, dataset)
     if original and os.path.isfile(os.path.join(ckpt_root, original)):
         return os.path.join(ckpt_root, original)
-    pattern = os.path.join(ckpt_root, f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")
-    ours = sorted(glob.glob(os.path.join(glob.escape(ckpt_root), f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt")),
-                  key=os.path.getmtime)
+    trained = f"{dataset}_{arch}_baseline_*epoch-*_top1-*.pt"
+    pattern = os.path.join(ckpt_root, trained)
+    ours = sorted(glob.glob(os.path.join(glob.escape(ckpt_root), trained)), key=os.path.getmtime)
     if ours:
         return ours[-1]
     looked = ([os.path.join(ckpt_root, original)] if original else []) + [pattern]

@@ -245,7 +245,7 @@ def start_regularised(specs: Specs, env: Env, phase: str) -> 'Regularised':
 
 def run_admm(specs: Specs, env: Env) -> str:
     r = start_regularised(specs, env, 'admm')
-    p, arch, recipe = specs.pruning, specs.run.arch, specs.recipe
+    p, recipe = specs.pruning, specs.recipe
     files, data, model, resume = r.files, r.data, r.model, r.resume
     rhos = p.rhos
     ratios, types = pruning_args(r.rules)
@@ -257,10 +257,11 @@ def run_admm(specs: Specs, env: Env) -> str:
     first = resume['stage'] if resume else 0
     wrapped = placed(model, env, recipe)
     optimizer = new_optimizer(model, recipe)        # one for every stage: momentum carries over, as in the original
+    # Each stage starts from the weights the previous one ended with (and saved as its stage file); the
+    # histories of stages a resumed run does not repeat are read from their stage files.
+    histories = [stage_history(files.stage(rho)) for rho in rhos[:first]]
     for stage in range(first, len(rhos)):
         rho = rhos[stage]
-        if stage > first:
-            load_into(model, files.stage(rhos[stage - 1]), arch)
         if not (resume and stage == first):
             log.info(f"stage {stage + 1}/{len(rhos)}: rho {rho:g}, starting from "
                      f"{r.source if stage == 0 else files.stage(rhos[stage - 1])}")
@@ -273,19 +274,23 @@ def run_admm(specs: Specs, env: Env) -> str:
                          teacher=r.teacher, board=board, optimizer=optimizer)
         atomic_save(checkpoint(meta, model.state_dict(), recipe.epochs, history['val_top1'][-1], history,
                                admm=state.state_dict()), files.stage(rho))
+        histories.append(history)
         log.info(f"stage {stage + 1} done: saved {files.stage(rho)}")
-    save_results(stage_histories(files, rhos), files.path(f"{files.name}_admm"))
+    save_results(joined(histories), files.path(f"{files.name}_admm"))
     return files.stage(rhos[-1])
 
 
-def stage_histories(files: RunFiles, rhos: list) -> dict:
-    """Concatenate the per-stage histories saved in the stage files."""
-    history = None
-    for rho in rhos:
-        if os.path.isfile(files.stage(rho)):
-            h = read_checkpoint(files.stage(rho))[1].get('history', {})
-            history = dict(h) if history is None else {k: history[k] + list(h.get(k, [])) for k in history}
-    return history or {'val_top1': []}
+def stage_history(path: str) -> dict | None:
+    """The per-epoch history saved in a stage file, None if the file is not there."""
+    return read_checkpoint(path)[1].get('history', {}) if os.path.isfile(path) else None
+
+
+def joined(histories: list) -> dict:
+    """The stages' histories one after the other (the keys of the first)."""
+    present = [h for h in histories if h is not None]
+    if not present:
+        return {'val_top1': []}
+    return {k: [v for h in present for v in h.get(k, [])] for k in present[0]}
 
 
 def run_rew(specs: Specs, env: Env) -> str:
