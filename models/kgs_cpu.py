@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'kgs_cpu.cpp')
 FLAGS = {'avx512': ['-mavx512f', '-mavx2', '-mfma'], 'avx2': ['-mavx2', '-mfma'], 'portable': []}
+# at::parallel_for runs its threads through OpenMP only where the extension itself is compiled with it
+# (without, every call runs on one thread); the library is the one PyTorch loaded (same soname).
+OPENMP = ['-fopenmp']
 
 _state = {}              # 'module' or 'error', once tried
 _build_lock = threading.Lock()
@@ -57,8 +60,6 @@ def _load():
             return _state.get('module')
         try:
             target = isa()
-            with open(SOURCE, 'rb') as f:
-                digest = hashlib.sha256(f.read() + ' '.join(FLAGS[target]).encode()).hexdigest()[:12]
             quiet = logging.getLogger('torch.utils.cpp_extension')      # its import warns about CUDA_HOME
             level = quiet.level
             quiet.setLevel(logging.ERROR)
@@ -67,8 +68,14 @@ def _load():
             finally:
                 quiet.setLevel(level)
             start = time.perf_counter()
-            module = cpp_extension.load(name=f'rt3d_kgs_cpu_{target}_{digest}', sources=[SOURCE],
-                                        extra_cflags=['-O3', *FLAGS[target]], verbose=False)
+            try:
+                module = _build(cpp_extension, target, OPENMP)
+            except Exception as exc:      # a compiler without OpenMP (Apple's clang): one thread, said once
+                try:
+                    module = _build(cpp_extension, target, [])
+                except Exception:
+                    raise exc from None
+                log.warning(f"compiled KGS kernel built without OpenMP ({_first_error(exc)}): it runs on one thread")
             seconds = time.perf_counter() - start
             if seconds > 1:
                 log.info(f"compiled KGS kernel ({target}) built in {seconds:.0f} s")
@@ -77,6 +84,13 @@ def _load():
             log.debug(f"building {SOURCE} failed:\n{exc}")
             _state['error'] = f"the C++ extension could not be built: {_first_error(exc)}"
     return _state.get('module')
+
+
+def _build(cpp_extension, target, openmp):
+    with open(SOURCE, 'rb') as f:
+        digest = hashlib.sha256(f.read() + ' '.join(openmp + FLAGS[target]).encode()).hexdigest()[:12]
+    return cpp_extension.load(name=f'rt3d_kgs_cpu_{target}_{digest}', sources=[SOURCE],
+                              extra_cflags=['-O3', *openmp, *FLAGS[target]], extra_ldflags=openmp, verbose=False)
 
 
 def _first_error(exc):
@@ -123,6 +137,15 @@ def fma_peak_gmacs(threads=None, cached=True):
     if threads not in _peaks:
         _peaks[threads] = module.fma_peak_gmacs(threads, 3)
     return _peaks[threads]
+
+
+def parallel_threads():
+    """Threads the kernel's parallel loops really run on (torch.get_num_threads() where it is built
+    with OpenMP, 1 where not)."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"parallel_threads needs the compiled kernel: {why_unavailable()}")
+    return module.parallel_threads()
 
 
 def _triple(v):

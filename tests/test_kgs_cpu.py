@@ -165,6 +165,12 @@ def test_fma_peak_is_measured_and_cached():
     assert kgs_cpu.fma_peak_gmacs() == kgs_cpu.fma_peak_gmacs(torch.get_num_threads())
 
 
+@needs_kernel
+def test_the_kernel_runs_on_every_thread_torch_is_given(threads):
+    # at::parallel_for in an extension built without OpenMP runs on one thread whatever torch is told
+    assert kgs_cpu.parallel_threads() == torch.get_num_threads()
+
+
 POOLS = {   # kernel, stride, padding, input: C3D's pools (pool5 padded), S3D's, and odd sizes
     'c3d pool1 (1,2,2)': ((1, 2, 2), (1, 2, 2), 0, (1, 4, 3, 10, 12)),
     'c3d pool2 2': (2, 2, 0, (2, 5, 5, 9, 9)),
@@ -399,3 +405,38 @@ def test_a_failed_build_is_reported_with_the_compiler_s_error(monkeypatch, tmp_p
     assert not kgs_cpu.available()
     reason = kgs_cpu.why_unavailable()
     assert 'could not be built' in reason and 'this kernel does not compile' in reason
+
+
+NO_OPENMP_CHECK = """
+import logging, torch, torch.nn.functional as F
+import admm
+from models import kgs_cpu
+logging.basicConfig(level=logging.WARNING, format='%(message)s')
+kgs_cpu.OPENMP = ['-fno-such-openmp-option']          # a compiler that refuses OpenMP
+assert kgs_cpu.available(), kgs_cpu.why_unavailable()
+torch.set_num_threads(2)
+assert kgs_cpu.parallel_threads() == 1
+w = admm.project(torch.randn(16, 6, 3, 3, 3), 0.6, 'blk-kgs', (8, 4))
+x, b = torch.randn(1, 6, 4, 9, 11), torch.randn(16)
+ref = F.conv3d(x.double(), w.double(), b.double(), 1, 1)
+y = kgs_cpu.conv(x, kgs_cpu.pack(w, 8, b, 1, 1))
+assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+print('one thread ok')
+"""
+
+
+@pytest.mark.e2e
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel_and_says_so(tmp_path):
+    if not (shutil.which('c++') and shutil.which('ninja')):
+        pytest.skip('needs a compiler and ninja to build')
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'PYTHONPATH': root, 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'ext')}
+    env.pop('RT3D_NO_COMPILED_KGS', None)
+    done = subprocess.run([sys.executable, '-c', NO_OPENMP_CHECK], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and 'one thread ok' in done.stdout, done.stderr[-2000:]
+    warning = [line for line in done.stderr.splitlines() if 'without OpenMP' in line]
+    assert len(warning) == 1 and 'no-such-openmp-option' in warning[0] and 'one thread' in warning[0]

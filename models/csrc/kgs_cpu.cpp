@@ -305,7 +305,9 @@ class KGSKernel {
                 ", T, H, W) input, got ", x.sizes());
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "KGSKernel: float32 CPU input only");
     std::lock_guard<std::mutex> guard(lock_);    // the padded workspace is reused call after call
-    Plan& plan = plan_for(x.sizes().vec());
+    auto key = x.sizes().vec();
+    key.push_back(at::get_num_threads());         // the work split follows the thread count
+    Plan& plan = plan_for(key);
     auto xc = x.contiguous();
     fill_padded(xc, plan);
     const int64_t n = x.size(0);
@@ -326,7 +328,7 @@ class KGSKernel {
     const int64_t n = shape[0], size[3] = {shape[2], shape[3], shape[4]};
     for (int d = 0; d < 3; ++d) {
       p.out[d] = (size[d] + 2 * padding_[d] - dilation_[d] * (kernel_[d] - 1) - 1) / stride_[d] + 1;
-      TORCH_CHECK(p.out[d] >= 1, "KGSKernel: input ", c10::IntArrayRef(shape), " is smaller than the kernel");
+      TORCH_CHECK(p.out[d] >= 1, "KGSKernel: input ", c10::IntArrayRef(shape.data(), 5), " is smaller than the kernel");
     }
     p.tp = size[0] + 2 * padding_[0];
     p.hp = size[1] + 2 * padding_[1];
@@ -594,6 +596,22 @@ at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int
   return y;
 }
 
+// Threads at::parallel_for gives this extension: torch.get_num_threads() where it is built with OpenMP,
+// 1 where not (then every parallel loop above runs on one thread).
+int64_t parallel_threads() {
+  const int64_t wanted = at::get_num_threads();
+  std::vector<std::atomic<int>> seen(wanted);
+  at::parallel_for(0, wanted, 1, [&](int64_t begin, int64_t end) {
+    seen[at::get_thread_num()] = 1;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);   // let every thread start
+    while (std::chrono::steady_clock::now() < until) {
+    }
+  });
+  int64_t count = 0;
+  for (auto& s : seen) count += s.load();
+  return count;
+}
+
 // Register-only FMA loop: 12 independent accumulators cover the FMA latency (4-5 cycles) at two
 // FMAs per cycle; returns GMAC/s over `threads` threads (best of `repeats`).
 constexpr int64_t kPeakIterations = 4 << 20;
@@ -635,6 +653,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("fma_loop_macs") = kPeakIterations * 12 * VL;    // one thread's MACs in one run of the peak loop
   m.def("fma_peak_gmacs", &fma_peak_gmacs, "measured FMA throughput, GMAC/s", py::arg("threads"),
         py::arg("repeats") = 3);
+  m.def("parallel_threads", &parallel_threads, "threads the kernel's parallel loops run on",
+        py::call_guard<py::gil_scoped_release>());
   m.def("max_pool3d", &max_pool3d, "max pooling without indices", py::arg("x"), py::arg("kernel"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
   py::class_<KGSKernel>(m, "KGSKernel")
