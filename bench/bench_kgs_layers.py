@@ -9,7 +9,9 @@ Layers: random weights hard-pruned by `admm.project(w, ratio, 'blk-kgs', block)`
 kept pattern, not on the values), one clip of the architecture's default geometry, each layer's real
 input size. Per layer: dense `F.conv3d` ms, compiled ms, speedup, GMAC/s on the MACs the kept weights
 need, and that rate as a share of the FMA peak (`kgs_cpu.fma_peak_gmacs`, a register-only FMA loop
-measured in the same interleaved rounds, so machine load hits it alike). Whole models: the masked
+measured in the same interleaved rounds; the highest it reached is used: on a virtual machine whose two
+CPUs are at times placed on one physical core the peak halves for a while, and the share stays a lower
+bound). Whole models: the masked
 (dense) model against `faster_model` (each conv measured dense vs compiled on its input), and the
 torch KGS path (`RT3D_NO_COMPILED_KGS=1`) beside them; then a per-layer profile of the fast model.
 Times are medians of `--reps` interleaved rounds; speedups are ratios within one run. On a busy
@@ -62,7 +64,7 @@ def conv_inputs(model, clip_shape):
 
 
 def timed_rounds(fns, reps, threads, clock='wall'):
-    """Median seconds of each callable and the median FMA peak, all measured in the same interleaved rounds.
+    """Median seconds of each callable and the highest FMA peak, all measured in the same interleaved rounds.
     `clock='cpu'`: the process's CPU time instead of wall time (one thread on a busy machine: the time
     the work took where it ran, not the time other processes held the core)."""
     peaks = []
@@ -77,7 +79,7 @@ def timed_rounds(fns, reps, threads, clock='wall'):
     fns = list(fns) + [peak]
     with torch.no_grad():
         times = interleaved_medians(fns, reps, time.process_time if clock == 'cpu' else time.perf_counter)
-    return times[:-1], statistics.median(peaks[1:] or peaks)
+    return times[:-1], max(peaks)
 
 
 def layer_table(arch, ratio, block, reps, threads, names, clock='wall'):

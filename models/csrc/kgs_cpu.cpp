@@ -634,11 +634,20 @@ double fma_peak_gmacs(int64_t threads, int64_t repeats) {
   };
   double best = 0;
   std::vector<float> sinks(threads);
+  // On the threads the kernel runs on (OpenMP's, shared with PyTorch) where they are the ones asked
+  // for: fresh threads would compete with OpenMP's, which spin a while after each parallel region.
+  const bool pool = parallel_threads() == threads;
   for (int64_t rep = 0; rep < repeats; ++rep) {
-    std::vector<std::thread> pool;
     const auto start = std::chrono::steady_clock::now();
-    for (int64_t t = 0; t < threads; ++t) pool.emplace_back(body, &sinks[t]);
-    for (auto& th : pool) th.join();
+    if (pool) {
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) body(&sinks[t]);
+      });
+    } else {
+      std::vector<std::thread> threads_run;
+      for (int64_t t = 0; t < threads; ++t) threads_run.emplace_back(body, &sinks[t]);
+      for (auto& th : threads_run) th.join();
+    }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, double(threads) * iterations * 12 * VL / seconds / 1e9);
   }
