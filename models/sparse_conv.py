@@ -35,10 +35,9 @@ log = logging.getLogger(__name__)
 # `_ELEMENT` more (written by the gather, then streamed once per block row: small blocks pay it
 # for few MACs). Used only to keep a layer dense where the KGS path would not gain.
 _MAC, _ELEMENT = 1.6, 38.0
-# The compiled kernel: one kept MAC costs `_COMPILED_MAC` of oneDNN's dense MACs. Fitted on a loaded
-# machine; on an idle one (docs/kgs_kernel.md, "Figures") the kernel runs C3D's pruned convs at 25-35%
-# of the FMA peak on two threads and oneDNN its dense ones at 60-95%, about 2.5: the estimate is
-# optimistic there, so `sparse_exec` should be given an example input (it then measures each layer).
+# The compiled kernel: one kept MAC costs `_COMPILED_MAC` of oneDNN's dense MACs. On the idle 2-core
+# AVX2 machine of docs/kgs_kernel.md ("Figures", two threads) C3D's pruned convs give 0.9-1.9 (conv5's
+# 7-wide rows the least, conv3's the most); `sparse_exec` given an example input measures each layer instead.
 _COMPILED_MAC = 1.6
 WORKSPACE_BYTES = 512 << 20   # gathered rows held at once per layer; a larger input is done in tiles
 
