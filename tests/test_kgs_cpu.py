@@ -158,6 +158,23 @@ def test_the_kernel_runs_exactly_the_kept_columns_of_each_block_row():
 
 
 @needs_kernel
+def test_a_large_output_buffer_is_used_again_only_once_the_caller_has_let_it_go():
+    weight, x = torch.randn(8, 1, 1, 1, 1), torch.randn(1, 1, 1, 1024, 1024)     # a 32 MiB output
+    kernel = kgs_cpu.pack(weight, 8)
+    first = kgs_cpu.conv(x, kernel)
+    kept = first.clone()
+    second = kgs_cpu.conv(x * 2, kernel)                 # `first` still held: a new buffer
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    assert_exact(second, reference(x * 2, weight, None, 1, 0, 1))
+    address = second.data_ptr()
+    del second
+    other = torch.empty(8 * 1024 * 1024 + 64)            # a freed buffer's addresses would go to this one
+    third = kgs_cpu.conv(x * 3, kernel)                  # let go: its buffer again (kept), with the new result
+    assert third.data_ptr() == address and other.data_ptr() != address and torch.equal(first, kept)
+    assert_exact(third, reference(x * 3, weight, None, 1, 0, 1))
+
+
+@needs_kernel
 def test_fma_peak_is_measured_and_cached():
     peak = kgs_cpu.fma_peak_gmacs(1)
     assert peak > 0.5                                   # any CPU of the last 20 years does far more

@@ -213,6 +213,7 @@ constexpr double kMinColumns = 48;       // kept columns per block row and chunk
 constexpr double kMaxColumns = 192;      // and at most: their weights and offsets (40 B a column) stay in
                                          // L1 while every tile of the item runs over them (C3D's conv5
                                          // has 5 tiles per item, and a block row 2800 kept columns)
+constexpr int64_t kReuseBytes = 32 << 20;   // outputs this large are kept for the next call (forward)
 constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at least (or the plane):
                                          // shorter runs of input defeat the hardware prefetchers
 
@@ -313,7 +314,16 @@ class KGSKernel {
     const int64_t n = x.size(0);
     // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
     const int64_t size = n * out_channels_ * plan.out[0] * plan.out[1] * plan.out[2];
-    auto y = at::empty({size + VL}, x.options());
+    // An output of kReuseBytes or more is a fresh mmap at every allocation (glibc's largest threshold),
+    // whose page faults cost C3D's conv1 (51 MB) about 16 ms a call: such a buffer is kept and used
+    // again once no tensor the caller holds refers to it any more.
+    at::Tensor y;
+    if (last_.defined() && last_.numel() == size + VL && last_.storage().use_count() == 1) {
+      y = last_;
+    } else {
+      y = at::empty({size + VL}, x.options());
+      last_ = (size + VL) * 4 >= kReuseBytes ? y : at::Tensor();
+    }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>());
     return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.out[1], plan.out[2]});
@@ -528,6 +538,7 @@ class KGSKernel {
   std::vector<int64_t> columns_, row_start_;
   std::vector<float> weights_, bias_;
   std::map<std::vector<int64_t>, Plan> plans_;
+  at::Tensor last_;              // the last large output, used again once the caller has let it go
   std::mutex lock_;
 };
 
