@@ -394,19 +394,24 @@ print('portable ok')
 """
 
 
-@pytest.mark.e2e
-def test_the_portable_build_computes_the_same(tmp_path):
-    """The C++ path for CPUs without AVX2 (built here with RT3D_KGS_ISA=portable, in its own process)."""
+def build_and_run(script, cwd, **env):
+    """Run `script` in a fresh Python process (the kernel built there with `env`); its finished process."""
     if not (shutil.which('c++') and shutil.which('ninja')):
         pytest.skip('needs a compiler and ninja to build')
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, 'RT3D_KGS_ISA': 'portable', 'PYTHONPATH': root}
+    env = {**os.environ, 'PYTHONPATH': root, **env}
     env.pop('RT3D_NO_COMPILED_KGS', None)
-    done = subprocess.run([sys.executable, '-c', PORTABLE_CHECK], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run([sys.executable, '-c', script], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.e2e
+def test_the_portable_build_computes_the_same(tmp_path):
+    """The C++ path for CPUs without AVX2 (built here with RT3D_KGS_ISA=portable, in its own process)."""
+    done = build_and_run(PORTABLE_CHECK, tmp_path, RT3D_KGS_ISA='portable')
     assert done.returncode == 0 and 'portable ok' in done.stdout, done.stderr[-2000:]
 
 
@@ -444,16 +449,7 @@ print('one thread ok')
 
 @pytest.mark.e2e
 def test_a_compiler_without_openmp_builds_a_one_thread_kernel_and_says_so(tmp_path):
-    if not (shutil.which('c++') and shutil.which('ninja')):
-        pytest.skip('needs a compiler and ninja to build')
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, 'PYTHONPATH': root, 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'ext')}
-    env.pop('RT3D_NO_COMPILED_KGS', None)
-    done = subprocess.run([sys.executable, '-c', NO_OPENMP_CHECK], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
+    done = build_and_run(NO_OPENMP_CHECK, tmp_path, TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
     assert done.returncode == 0 and 'one thread ok' in done.stdout, done.stderr[-2000:]
     warning = [line for line in done.stderr.splitlines() if 'without OpenMP' in line]
     assert len(warning) == 1 and 'no-such-openmp-option' in warning[0] and 'one thread' in warning[0]
