@@ -81,6 +81,9 @@ SHAPES = {
     'no padding, output 1x1x1': (6, 5, 3, 1, 0, 1, (1, 5, 3, 3, 3)),
     'dilated, no padding in T': (12, 4, 3, 1, (0, 2, 2), 2, (1, 4, 7, 8, 8)),
     'W stride 3, dilation 2': (7, 5, 3, (1, 2, 3), (1, 2, 4), (1, 1, 2), (2, 5, 5, 11, 13)),
+    # input channels in multiples of 4 are stored in blocks of 4 rows, and chunks end on a block
+    'blocks of 4 channels, W stride 3, dilation 2': (7, 8, 3, (1, 2, 3), (1, 2, 4), (1, 1, 2), (2, 8, 5, 11, 13)),
+    'blocks of 4 channels in several chunks, W stride 2': (12, 40, 3, (1, 2, 2), 1, 1, (2, 40, 3, 9, 11)),
 }
 
 
