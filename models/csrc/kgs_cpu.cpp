@@ -155,19 +155,22 @@ void run_tile(const float* __restrict x, const int64_t* __restrict offsets, int6
   }
   // The next tile's input is fetched into L1 while this one computes (one tile's loads of one
   // column seldom share lines with the next tile's, and the hardware misses the pattern).
-  const float* next_first = next ? x + next->in[0] : nullptr;
-  const float* next_last = next ? x + next->in[next->count - 1] + VL - 1 : nullptr;
-  const float* xs[NV];
+  const char* next_first = next ? reinterpret_cast<const char*>(x + next->in[0]) : nullptr;
+  const char* next_last = next ? reinterpret_cast<const char*>(x + next->in[next->count - 1] + VL - 1) : nullptr;
+  const char* xs[NV];
   UNROLL
-  for (int j = 0; j < NV; ++j) xs[j] = x + t.in[j];
+  for (int j = 0; j < NV; ++j) xs[j] = reinterpret_cast<const char*>(x + t.in[j]);
+  // Byte offsets and two columns per iteration: the loop's integer work (address arithmetic, counter)
+  // shares the front end with the FMAs; this way it measured 1.05-1.12x faster on C3D's layers.
+  _Pragma("GCC unroll 2")
   for (int64_t u = 0; u < ncols; ++u) {
     const int64_t o = offsets[u];
     vec a[NV];
     UNROLL
-    for (int j = 0; j < NV; ++j) a[j] = vload(xs[j] + o);
+    for (int j = 0; j < NV; ++j) a[j] = vload(reinterpret_cast<const float*>(xs[j] + o));
     if (next) {
-      prefetch(next_first + o);
-      prefetch(next_last + o);
+      prefetch(reinterpret_cast<const float*>(next_first + o));
+      prefetch(reinterpret_cast<const float*>(next_last + o));
     }
     const float* wu = w + u * MR;
     UNROLL
@@ -237,7 +240,7 @@ struct Plan {
   int64_t chunks;               // chunks of input channels
   at::Tensor padded;            // (N, C/cb, Tp, Hp, cb, phases, Wq) + slack, zero borders written once
   std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
-  std::vector<int64_t> offsets;       // per packed column: its offset into the padded input
+  std::vector<int64_t> offsets;       // per packed column: its offset into the padded input, in bytes
   std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
   std::vector<Item> items;            // in order of output blocks
 };
@@ -367,8 +370,8 @@ class KGSKernel {
       const int64_t col = column_of(columns_[u], k), c = col / k, kk = col % k;
       const int64_t kt = kk / (kernel_[1] * kernel_[2]), kh = kk / kernel_[2] % kernel_[1], kw = kk % kernel_[2];
       const int64_t w = kw * dilation_[2];
-      p.offsets[u] = (c / cb_) * block + (c % cb_) * row + kt * dilation_[0] * plane + kh * dilation_[1] * row_b +
-                     (w % p.phases) * p.wq + w / p.phases;
+      p.offsets[u] = sizeof(float) * ((c / cb_) * block + (c % cb_) * row + kt * dilation_[0] * plane +
+                                      kh * dilation_[1] * row_b + (w % p.phases) * p.wq + w / p.phases);
     }
     // Work items: a block of output planes x rows (tb x hb) times a group of block rows. A chunk of
     // input channels should give each block row about kMinColumns kept columns (fewer, and loading
