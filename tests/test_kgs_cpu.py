@@ -84,6 +84,8 @@ SHAPES = {
     # input channels in multiples of 4 are stored in blocks of 4 rows, and chunks end on a block
     'blocks of 4 channels, W stride 3, dilation 2': (7, 8, 3, (1, 2, 3), (1, 2, 4), (1, 1, 2), (2, 8, 5, 11, 13)),
     'blocks of 4 channels in several chunks, W stride 2': (12, 40, 3, (1, 2, 2), 1, 1, (2, 40, 3, 9, 11)),
+    # a kernel of 1x1 in H and W runs each plane as rows of another length (here one row of 196)
+    'temporal 3x1x1 on 14x14 planes': (12, 8, (3, 1, 1), 1, (1, 0, 0), 1, (2, 8, 3, 14, 14)),
 }
 
 

@@ -315,10 +315,13 @@ class KGSKernel {
                 ", T, H, W) input, got ", x.sizes());
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "KGSKernel: float32 CPU input only");
     std::lock_guard<std::mutex> guard(lock_);    // the padded workspace is reused call after call
-    auto key = x.sizes().vec();
+    const auto given = x.sizes().vec();
+    auto xc = x.contiguous();
+    const int64_t rows_of = flat_row(given[3], given[4]);
+    if (rows_of) xc = xc.view({given[0], given[1], given[2], given[3] * given[4] / rows_of, rows_of});
+    auto key = xc.sizes().vec();
     key.push_back(at::get_num_threads());         // the work split follows the thread count
     Plan& plan = plan_for(key);
-    auto xc = x.contiguous();
     fill_padded(xc, plan);
     const int64_t n = x.size(0);
     // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
@@ -335,10 +338,29 @@ class KGSKernel {
     }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>());
+    if (rows_of) return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], given[3], given[4]});
     return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.out[1], plan.out[2]});
   }
 
  private:
+  // A kernel of 1 x 1 in H and W, with no padding and unit strides there (R(2+1)D's and S3D's temporal
+  // 3x1x1 convs, S3D's 1x1x1), computes the same on any split of an input plane into rows: this is
+  // the row length that wastes the fewest vector lanes (14x14 planes: one row of 196, 25 vectors
+  // instead of 28; 28x28: rows of 56, 98 instead of 112), or 0 where W itself is best.
+  int64_t flat_row(int64_t h, int64_t w) const {
+    if (kernel_[1] != 1 || kernel_[2] != 1 || padding_[1] || padding_[2] || stride_[1] != 1 || stride_[2] != 1)
+      return 0;
+    int64_t best = w, fewest = h * ((w + VL - 1) / VL);
+    for (int64_t length = w + 1; length <= h * w; ++length) {
+      const int64_t vectors = (h * w) % length ? fewest : (h * w / length) * ((length + VL - 1) / VL);
+      if (vectors < fewest) {
+        best = length;
+        fewest = vectors;
+      }
+    }
+    return best == w ? 0 : best;
+  }
+
   // Columns are kept in order of (block of cb_ channels, kernel offset, channel in the block): the
   // padded input interleaves the rows of a block's channels, so a kernel offset's cb_ columns read
   // cb_ adjacent rows. key -> c * k + kernel offset.
