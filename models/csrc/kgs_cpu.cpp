@@ -235,6 +235,8 @@ struct Item {
 struct Plan {
   int64_t out[3];               // T', H', W'
   int64_t tp, hp, wq, phases;   // padded input: T, H, columns per phase, phases (= W stride)
+  int64_t row, row_b, plane, block;   // its strides: a channel's row, a channel block's row, plane, block
+  int64_t flat;                 // planes re-cut into rows of this length (flat_row), or 0
   int64_t tb, hb;               // output planes and rows per work item
   int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
   int64_t chunks;               // chunks of input channels
@@ -316,12 +318,11 @@ class KGSKernel {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "KGSKernel: float32 CPU input only");
     std::lock_guard<std::mutex> guard(lock_);    // the padded workspace is reused call after call
     const auto given = x.sizes().vec();
-    auto xc = x.contiguous();
-    const int64_t rows_of = flat_row(given[3], given[4]);
-    if (rows_of) xc = xc.view({given[0], given[1], given[2], given[3] * given[4] / rows_of, rows_of});
-    auto key = xc.sizes().vec();
+    auto key = given;
     key.push_back(at::get_num_threads());         // the work split follows the thread count
     Plan& plan = plan_for(key);
+    auto xc = x.contiguous();
+    if (plan.flat) xc = xc.view({given[0], given[1], given[2], given[3] * given[4] / plan.flat, plan.flat});
     fill_padded(xc, plan);
     const int64_t n = x.size(0);
     // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
@@ -338,8 +339,8 @@ class KGSKernel {
     }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>());
-    if (rows_of) return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], given[3], given[4]});
-    return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.out[1], plan.out[2]});
+    return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.flat ? given[3] : plan.out[1],
+                                      plan.flat ? given[4] : plan.out[2]});
   }
 
  private:
@@ -374,7 +375,9 @@ class KGSKernel {
     if (found != plans_.end()) return found->second;
     if (plans_.size() >= 2) plans_.erase(plans_.begin());   // the workspaces of two shapes at most
     Plan p;
-    const int64_t n = shape[0], size[3] = {shape[2], shape[3], shape[4]};
+    p.flat = flat_row(shape[3], shape[4]);
+    const int64_t n = shape[0];
+    const int64_t size[3] = {shape[2], p.flat ? shape[3] * shape[4] / p.flat : shape[3], p.flat ? p.flat : shape[4]};
     for (int d = 0; d < 3; ++d) {
       p.out[d] = (size[d] + 2 * padding_[d] - dilation_[d] * (kernel_[d] - 1) - 1) / stride_[d] + 1;
       TORCH_CHECK(p.out[d] >= 1, "KGSKernel: input ", c10::IntArrayRef(shape.data(), 5), " is smaller than the kernel");
@@ -383,7 +386,11 @@ class KGSKernel {
     p.hp = size[1] + 2 * padding_[1];
     p.phases = stride_[2];
     p.wq = (size[2] + 2 * padding_[2] + p.phases - 1) / p.phases;
-    const int64_t row = p.phases * p.wq, row_b = cb_ * row, plane = p.hp * row_b, block = p.tp * plane;
+    p.row = p.phases * p.wq;
+    p.row_b = cb_ * p.row;
+    p.plane = p.hp * p.row_b;
+    p.block = p.tp * p.plane;
+    const int64_t row = p.row, row_b = p.row_b, plane = p.plane, block = p.block;
     // Slack past the end: the lanes of a row's last vector beyond the row read (and discard) it.
     p.padded = at::zeros({n * (in_channels_ / cb_) * block + 2 * VL + p.wq}, at::kFloat);
     const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
@@ -470,7 +477,7 @@ class KGSKernel {
 
   void fill_padded(const at::Tensor& x, Plan& p) const {
     const int64_t n = x.size(0), t = x.size(2), h = x.size(3), w = x.size(4);
-    const int64_t row = p.phases * p.wq, row_b = cb_ * row, plane = p.hp * row_b, block = p.tp * plane;
+    const int64_t row = p.row, row_b = p.row_b, plane = p.plane, block = p.block;
     const float* src = x.data_ptr<float>();
     float* dst = p.padded.data_ptr<float>();
     const int64_t s = p.phases, pw = padding_[2];
@@ -500,8 +507,8 @@ class KGSKernel {
   void compute(const Plan& p, float* y) const {
     const float* x = p.padded.data_ptr<float>();
     const int64_t hw = p.out[1] * p.out[2], volume = p.out[0] * hw;
-    const int64_t row = p.phases * p.wq, row_b = cb_ * row, plane = p.hp * row_b, block = p.tp * plane;
-    const int64_t sample_in = (in_channels_ / cb_) * block, sample_out = out_channels_ * volume;
+    const int64_t row_b = p.row_b, plane = p.plane;
+    const int64_t sample_in = (in_channels_ / cb_) * p.block, sample_out = out_channels_ * volume;
     const int64_t vectors = (p.out[2] + VL - 1) / VL;
     const int nv = nv_for(mr_);
     std::atomic<int64_t> next{0};
