@@ -86,6 +86,10 @@ SHAPES = {
     'blocks of 4 channels in several chunks, W stride 2': (12, 40, 3, (1, 2, 2), 1, 1, (2, 40, 3, 9, 11)),
     # a kernel of 1x1 in H and W runs each plane as rows of another length (here one row of 196)
     'temporal 3x1x1 on 14x14 planes': (12, 8, (3, 1, 1), 1, (1, 0, 0), 1, (2, 8, 3, 14, 14)),
+    # and reads its input in place, one kernel plane per chunk, dropping those that fall in the T padding
+    'temporal 3x1x1, T padding 2 and dilation 2, whole vectors': (16, 64, (3, 1, 1), 1, (2, 0, 0), (2, 1, 1),
+                                                                 (2, 64, 5, 4, 8)),
+    'temporal 5x1x1, T stride 3, padding 1': (9, 20, (5, 1, 1), (3, 1, 1), (1, 0, 0), 1, (1, 20, 11, 3, 3)),
 }
 
 
@@ -115,6 +119,31 @@ def test_a_fused_relu_is_applied_once_after_the_last_chunk_of_every_block_row(th
     assert_exact(y.nan_to_num(0.5), ref.nan_to_num(0.5))
     assert bool((y[0, 8:16] == bias[8:16].clamp(min=0).view(8, 1, 1, 1)).all())
     assert bool(y[0, 3].isnan().all())
+
+
+@needs_kernel
+@pytest.mark.parametrize('where', ['storage with room after it', 'storage ending with the input', 'a view'])
+def test_a_kernel_one_row_high_reads_its_input_in_place_and_fuses_the_relu_after_every_kernel_plane(where, threads):
+    # 3x1x1 with T padding 1: the first and last output planes skip a kernel plane, whose chunk is
+    # then not the last (nor the first) of their block rows; rows of 7x7 = 49 end in a partial vector,
+    # which reads past the row (from a copy where the input's storage ends there)
+    weight = kgs_weight(24, 36, (3, 1, 1), ratio=0.5)
+    weight[8:16] = 0                                   # a block row of bias only
+    bias = torch.randn(24)
+    shape, numel = (2, 36, 4, 7, 7), 2 * 36 * 4 * 49
+    if where == 'storage with room after it':
+        x = torch.randn(numel + 64)[:numel].view(shape)
+    elif where == 'storage ending with the input':
+        x = torch.randn(numel + 64)[64:].view(shape)
+    else:
+        x = torch.randn(2, 4, 36, 7, 7).transpose(1, 2)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, (1, 0, 0), 1, relu=True)
+    ref = torch.relu(reference(x, weight, bias, 1, (1, 0, 0), 1))
+    before = x.clone()
+    for _ in range(2):
+        assert_exact(kgs_cpu.conv(x, kernel), ref)
+    assert torch.equal(x, before)                      # read, never written
+    assert bool((ref[:, :, 0] == 0).any()) and bool((ref[:, :, -1] > 0).any())
 
 
 @needs_kernel

@@ -133,6 +133,7 @@ struct Tile {
   int64_t out[NV_MAX];   // offset of its first voxel in one filter's output (batch included)
   int valid[NV_MAX];     // voxels of the vector inside the row (VL but at a row's end)
   int count;
+  int64_t plane;         // its output plane (in place, a tile keeps to one)
 };
 
 template <int MR, int NV>
@@ -241,7 +242,8 @@ struct Plan {
   int64_t flat;                 // planes re-cut into rows of this length (flat_row), or 0
   int64_t tb, hb;               // output planes and rows per work item
   int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
-  int64_t chunks;               // chunks of input channels
+  int64_t chunks;               // chunks of input channels (in place: of one kernel plane each, chunk_kt)
+  std::vector<int64_t> chunk_kt;      // in place: the kernel plane of each chunk
   at::Tensor padded;            // (N, C/cb, Tp, Hp, cb, phases, Wq) + slack, zero borders written once
   std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
   std::vector<int64_t> offsets;       // per packed column: its offset into the padded input, in bytes
@@ -265,7 +267,14 @@ class KGSKernel {
     for (int d = 0; d < 3; ++d) kernel_[d] = w.size(d + 2);
     const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
     const int64_t ik = in_channels_ * k;
-    cb_ = in_channels_ % 4 == 0 ? 4 : 1;
+    // A kernel of 1 x 1 in H and W with no padding and unit strides there (R(2+1)D's and S3D's temporal
+    // 3x1x1 convs, S3D's 1x1x1) pads at most in T: it reads its input where it lies, and drops at the
+    // first and last output planes the kernel planes that would read padding. The padded copy was a
+    // quarter of such a conv's time. Its columns go in order of (kernel plane, channel), so that a
+    // chunk holds one kernel plane.
+    in_place_ = kernel_[1] == 1 && kernel_[2] == 1 && padding_[1] == 0 && padding_[2] == 0 && stride_[1] == 1 &&
+                stride_[2] == 1;
+    cb_ = !in_place_ && in_channels_ % 4 == 0 ? 4 : 1;
     gm_ = std::max<int64_t>(1, std::min(block_rows, out_channels_));
     mr_ = static_cast<int>(std::min<int64_t>(MR_MAX, gm_));
     groups_ = (gm_ + mr_ - 1) / mr_;
@@ -325,7 +334,20 @@ class KGSKernel {
     Plan& plan = plan_for(key);
     auto xc = x.contiguous();
     if (plan.flat) xc = xc.view({given[0], given[1], given[2], given[3] * given[4] / plan.flat, plan.flat});
-    fill_padded(xc, plan);
+    if (!in_place_) fill_padded(xc, plan);
+    const float* input = xc.data_ptr<float>();
+    if (in_place_ && plan.out[2] % VL) {
+      // A row's last vector reads up to VL - 1 floats past the row: past the input's end only where its
+      // storage ends with its last row (this kernel's outputs keep VL floats of slack); then from a copy.
+      const int64_t after = static_cast<int64_t>(xc.storage().nbytes() / sizeof(float)) - xc.storage_offset() -
+                            xc.numel();
+      if (after < VL) {
+        if (!plan.padded.defined() || plan.padded.numel() != xc.numel() + VL)
+          plan.padded = at::zeros({xc.numel() + VL}, at::kFloat);
+        plan.padded.narrow(0, 0, xc.numel()).copy_(xc.reshape({-1}));
+        input = plan.padded.data_ptr<float>();
+      }
+    }
     const int64_t n = x.size(0);
     // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
     const int64_t size = n * out_channels_ * plan.out[0] * plan.out[1] * plan.out[2];
@@ -340,7 +362,7 @@ class KGSKernel {
       last_ = (size + VL) * 4 >= kReuseBytes ? y : at::Tensor();
     }
     y.narrow(0, size, VL).zero_();
-    compute(plan, y.data_ptr<float>());
+    compute(plan, y.data_ptr<float>(), input);
     return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.flat ? given[3] : plan.out[1],
                                       plan.flat ? given[4] : plan.out[2]});
   }
@@ -368,6 +390,7 @@ class KGSKernel {
   // padded input interleaves the rows of a block's channels, so a kernel offset's cb_ columns read
   // cb_ adjacent rows. key -> c * k + kernel offset.
   int64_t column_of(int64_t key, int64_t k) const {
+    if (in_place_) return key % in_channels_ * k + key / in_channels_;    // key -> kernel plane, channel
     const int64_t block = key / (k * cb_), rest = key % (k * cb_);
     return (block * cb_ + rest % cb_) * k + rest / cb_;
   }
@@ -392,13 +415,13 @@ class KGSKernel {
     // conv3 -> 32, 58 -> 64, 114 -> 120; not conv5's 9): a vector at a multiple of 8 in the row then
     // never splits a cache line. 1.0-1.06x on C3D's layers.
     p.row = p.phases * p.wq;
-    if ((p.row + 7) / 8 * 8 * 8 <= p.row * 9) p.row = (p.row + 7) / 8 * 8;
+    if (!in_place_ && (p.row + 7) / 8 * 8 * 8 <= p.row * 9) p.row = (p.row + 7) / 8 * 8;
     p.row_b = cb_ * p.row;
     p.plane = p.hp * p.row_b;
-    p.block = p.tp * p.plane;
+    p.block = (in_place_ ? size[0] : p.tp) * p.plane;     // in place: the input's own planes
     const int64_t row = p.row, row_b = p.row_b, plane = p.plane, block = p.block;
     // Slack past the end: the lanes of a row's last vector beyond the row read (and discard) it.
-    p.padded = at::zeros({n * (in_channels_ / cb_) * block + 2 * VL + p.wq}, at::kFloat);
+    if (!in_place_) p.padded = at::zeros({n * (in_channels_ / cb_) * block + 2 * VL + p.wq}, at::kFloat);
     const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
     p.offsets.resize(columns_.size());
     for (size_t u = 0; u < columns_.size(); ++u) {
@@ -406,7 +429,8 @@ class KGSKernel {
       const int64_t kt = kk / (kernel_[1] * kernel_[2]), kh = kk / kernel_[2] % kernel_[1], kw = kk % kernel_[2];
       const int64_t w = kw * dilation_[2];
       p.offsets[u] = sizeof(float) * ((c / cb_) * block + (c % cb_) * row + kt * dilation_[0] * plane +
-                                      kh * dilation_[1] * row_b + (w % p.phases) * p.wq + w / p.phases);
+                                      kh * dilation_[1] * row_b + (w % p.phases) * p.wq + w / p.phases -
+                                      (in_place_ ? padding_[0] * plane : 0));
     }
     // Work items: a block of output planes x rows (tb x hb) times a group of block rows. A chunk of
     // input channels should give each block row about kMinColumns kept columns (fewer, and loading
@@ -455,14 +479,24 @@ class KGSKernel {
     int64_t channels_per_chunk =
         std::clamp<int64_t>(std::min(kInputBudget / footprint(p.tb, p.hb), max_channels), min_channels, in_channels_);
     channels_per_chunk = (channels_per_chunk + cb_ - 1) / cb_ * cb_;
-    p.chunks = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
+    // In place a chunk holds one kernel plane of its channels (a third of their columns for 3x1x1):
+    // the same columns a chunk holds otherwise span that many more channels. Chunk q: kernel plane
+    // q / per_plane, channels from (q % per_plane) * channels_per_chunk; the key of its first column.
+    if (in_place_) channels_per_chunk = std::min(in_channels_, channels_per_chunk * kernel_[0]);
+    const int64_t per_plane = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
+    p.chunks = in_place_ ? per_plane * kernel_[0] : per_plane;
+    auto chunk_key = [&](int64_t q) {
+      if (!in_place_) return std::min(q * channels_per_chunk, in_channels_) * k;   // sorted by channel block first
+      return q / per_plane * in_channels_ + std::min(q % per_plane * channels_per_chunk, in_channels_);
+    };
+    if (in_place_)
+      for (int64_t q = 0; q < p.chunks; ++q) p.chunk_kt.push_back(q / per_plane);
     p.chunk_start.resize(rows * (p.chunks + 1));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t* first = columns_.data() + row_start_[r];
       const int64_t* last = columns_.data() + row_start_[r + 1];
-      for (int64_t c = 0; c <= p.chunks; ++c)     // columns are sorted by channel block first
-        p.chunk_start[r * (p.chunks + 1) + c] =
-            std::lower_bound(first, last, std::min(c * channels_per_chunk, in_channels_) * k) - columns_.data();
+      for (int64_t c = 0; c <= p.chunks; ++c)
+        p.chunk_start[r * (p.chunks + 1) + c] = std::lower_bound(first, last, chunk_key(c)) - columns_.data();
     }
     // Items in order of output blocks: the threads work through the same input (in L3); block row
     // after block row, the whole input would stream from memory once per block row.
@@ -470,6 +504,7 @@ class KGSKernel {
       for (int64_t t0 = 0; t0 < p.out[0]; t0 += p.tb)
         for (int64_t h0 = 0; h0 < p.out[1]; h0 += p.hb)
           for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.push_back({r, nn, t0, h0});
+    if (in_place_) return plans_.emplace(shape, std::move(p)).first->second;
     // Planes and rows of padded input that outputs read: with strides over 1 and small kernels
     // (1x1x1 stride 2 reads a quarter of its input) the others need no copy.
     p.need_t.assign(p.tp, 0);
@@ -510,8 +545,10 @@ class KGSKernel {
     });
   }
 
-  void compute(const Plan& p, float* y) const {
-    const float* x = p.padded.data_ptr<float>();
+  void compute(const Plan& p, float* y, const float* input) const {
+    const float* x = in_place_ ? input : p.padded.data_ptr<float>();
+    const int64_t planes_in = p.block / p.plane;     // in place: output plane t reads input plane
+                                                     // t * stride + kt * dilation - padding, if it exists
     const int64_t hw = p.out[1] * p.out[2], volume = p.out[0] * hw;
     const int64_t row_b = p.row_b, plane = p.plane;
     const int64_t sample_in = (in_channels_ / cb_) * p.block, sample_out = out_channels_ * volume;
@@ -525,10 +562,16 @@ class KGSKernel {
       for (int64_t i = next++; i < items; i = next++) {
         const Item item = p.items[i];
         const int64_t r0 = item.r0;
-        // The tiles of this item: its rows' vectors, NV at a time (a tile may span rows).
+        // The tiles of this item: its rows' vectors, NV at a time (a tile may span rows; in place, not
+        // planes, whose kernel planes differ at the ends).
         tiles.clear();
         Tile t{};
         for (int64_t tt = item.t0; tt < std::min(p.out[0], item.t0 + p.tb); ++tt) {
+          if (in_place_ && t.count) {
+            tiles.push_back(t);
+            t = Tile{};
+          }
+          t.plane = tt;
           for (int64_t hh = item.h0; hh < std::min(p.out[1], item.h0 + p.hb); ++hh) {
             const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row_b;
             const int64_t out = item.n * sample_out + tt * hw + hh * p.out[2];
@@ -539,22 +582,26 @@ class KGSKernel {
               if (++t.count == nv) {
                 tiles.push_back(t);
                 t = Tile{};
+                t.plane = tt;
               }
             }
           }
         }
         if (t.count) tiles.push_back(t);
         const int64_t last_block_row = std::min<int64_t>(row_start_.size() - 1, r0 + p.block_rows_per_item);
+        // A block row that keeps nothing: its outputs are the bias. In place every block row starts from
+        // its bias, and its chunks add (an end plane may skip a block row's first or last chunk).
         for (int64_t r = r0; r < last_block_row; ++r) {
-          if (row_start_[r + 1] > row_start_[r]) continue;
-          for (int64_t g = 0; g < groups_; ++g) {     // a block row that keeps nothing: its outputs are the bias
+          const bool empty = row_start_[r + 1] == row_start_[r];
+          if (!empty && !in_place_) continue;
+          for (int64_t g = 0; g < groups_; ++g) {
             const int64_t f = r * gm_ + g * mr_;
             const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
             if (filters <= 0) continue;
             const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
             for (const Tile& tile : tiles)
               kTiles[mr_][tile.count](x, nullptr, 0, nullptr, tile, y + f * volume, volume, filters, true, bias,
-                                      nullptr, relu_);
+                                      nullptr, relu_ && empty);
           }
         }
         // Chunk by chunk of input channels, every block row of the item runs its columns there.
@@ -563,11 +610,17 @@ class KGSKernel {
             const int64_t a = p.chunk_start[r * (p.chunks + 1) + c], b = p.chunk_start[r * (p.chunks + 1) + c + 1];
             if (a == b) continue;
             const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
-            const bool first = a == u0;            // the block row's first chunk with columns writes, not adds
-            const bool relu = relu_ && b == row_start_[r + 1];     // and its last applies the fused ReLU
+            const bool first = a == u0 && !in_place_;   // the block row's first chunk with columns writes
+            const bool relu = relu_ && b == row_start_[r + 1] && !in_place_;   // and its last applies the ReLU
+            const int64_t kt = in_place_ ? p.chunk_kt[c] : 0;
+            auto reads = [&](const Tile& tile) {
+              const int64_t plane_in = tile.plane * stride_[0] + kt * dilation_[0] - padding_[0];
+              return !in_place_ || (plane_in >= 0 && plane_in < planes_in);
+            };
             for (size_t ti = 0; ti < tiles.size(); ++ti) {
               const Tile& tile = tiles[ti];
-              const Tile* next = ti + 1 < tiles.size() && vectors >= nv ? &tiles[ti + 1] : nullptr;
+              if (!reads(tile)) continue;
+              const Tile* next = ti + 1 < tiles.size() && vectors >= nv && reads(tiles[ti + 1]) ? &tiles[ti + 1] : nullptr;
               for (int64_t g = 0; g < groups_; ++g) {
                 const int64_t f = r * gm_ + g * mr_;
                 const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
@@ -580,6 +633,18 @@ class KGSKernel {
             }
           }
         }
+        if (in_place_ && relu_) {     // the fused ReLU, once every chunk has added (the outputs are in L2)
+          for (int64_t f = r0 * gm_; f < std::min(out_channels_, last_block_row * gm_); ++f) {
+            if (row_start_[f / gm_ + 1] == row_start_[f / gm_]) continue;    // bias only: done above
+            for (const Tile& tile : tiles) {
+              for (int j = 0; j < tile.count; ++j) {
+                float* q = y + f * volume + tile.out[j];
+                const vec v = vrelu(vload(q));       // lanes past a row: read, never written
+                if (tile.valid[j] == VL) vstore(q, v); else vstore_part(q, v, tile.valid[j]);
+              }
+            }
+          }
+        }
       }
     });
   }
@@ -587,6 +652,7 @@ class KGSKernel {
   int64_t out_channels_ = 0, in_channels_ = 0, kernel_[3] = {1, 1, 1};
   std::vector<int64_t> stride_, padding_, dilation_;
   int64_t gm_ = 1, groups_ = 1, cb_ = 1;
+  bool in_place_ = false;        // reads the input where it lies (kernels of 1 x 1 in H and W, see above)
   int mr_ = 1;
   bool relu_ = false;            // the ReLU after the conv, applied as the outputs are stored
   std::vector<int64_t> columns_, row_start_;
