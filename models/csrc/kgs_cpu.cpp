@@ -244,7 +244,8 @@ struct Plan {
   int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
   int64_t chunks;               // chunks of input channels (in place: of one kernel plane each, chunk_kt)
   std::vector<int64_t> chunk_kt;      // in place: the kernel plane of each chunk
-  at::Tensor padded;            // (N, C/cb, Tp, Hp, cb, phases, Wq) + slack, zero borders written once
+  at::Tensor padded;            // (N, C/cb, Tp, Hp, cb, phases, Wq) + slack, zero borders written once;
+                                // in place: a flat copy of an input whose storage ends with it, or none
   std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
   std::vector<int64_t> offsets;       // per packed column: its offset into the padded input, in bytes
   std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
@@ -620,7 +621,8 @@ class KGSKernel {
             for (size_t ti = 0; ti < tiles.size(); ++ti) {
               const Tile& tile = tiles[ti];
               if (!reads(tile)) continue;
-              const Tile* next = ti + 1 < tiles.size() && vectors >= nv && reads(tiles[ti + 1]) ? &tiles[ti + 1] : nullptr;
+              const bool ahead = ti + 1 < tiles.size() && vectors >= nv && reads(tiles[ti + 1]);
+              const Tile* next = ahead ? &tiles[ti + 1] : nullptr;
               for (int64_t g = 0; g < groups_; ++g) {
                 const int64_t f = r * gm_ + g * mr_;
                 const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
