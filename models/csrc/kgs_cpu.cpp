@@ -242,8 +242,7 @@ struct Plan {
   int64_t flat;                 // planes re-cut into rows of this length (flat_row), or 0
   int64_t tb, hb;               // output planes and rows per work item
   int64_t block_rows_per_item;  // block rows per work item (they share each chunk of input in L2)
-  int64_t chunks;               // chunks of input channels (in place: of one kernel plane each, chunk_kt)
-  std::vector<int64_t> chunk_kt;      // in place: the kernel plane of each chunk
+  int64_t chunks;               // chunks of input channels (in place: chunks / kT of each kernel plane)
   at::Tensor padded;            // (N, C/cb, Tp, Hp, cb, phases, Wq) + slack, zero borders written once;
                                 // in place: a flat copy of an input whose storage ends with it, or none
   std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
@@ -343,8 +342,7 @@ class KGSKernel {
       const int64_t after = static_cast<int64_t>(xc.storage().nbytes() / sizeof(float)) - xc.storage_offset() -
                             xc.numel();
       if (after < VL) {
-        if (!plan.padded.defined() || plan.padded.numel() != xc.numel() + VL)
-          plan.padded = at::zeros({xc.numel() + VL}, at::kFloat);
+        if (!plan.padded.defined()) plan.padded = at::zeros({xc.numel() + VL}, at::kFloat);   // one shape a plan
         plan.padded.narrow(0, 0, xc.numel()).copy_(xc.reshape({-1}));
         input = plan.padded.data_ptr<float>();
       }
@@ -369,13 +367,12 @@ class KGSKernel {
   }
 
  private:
-  // A kernel of 1 x 1 in H and W, with no padding and unit strides there (R(2+1)D's and S3D's temporal
-  // 3x1x1 convs, S3D's 1x1x1), computes the same on any split of an input plane into rows: this is
+  // A kernel read in place (1 x 1 in H and W, no padding and unit strides there: R(2+1)D's and S3D's
+  // temporal 3x1x1 convs, S3D's 1x1x1) computes the same on any split of an input plane into rows: this is
   // the row length that wastes the fewest vector lanes (14x14 planes: one row of 196, 25 vectors
   // instead of 28; 28x28: rows of 56, 98 instead of 112), or 0 where W itself is best.
   int64_t flat_row(int64_t h, int64_t w) const {
-    if (kernel_[1] != 1 || kernel_[2] != 1 || padding_[1] || padding_[2] || stride_[1] != 1 || stride_[2] != 1)
-      return 0;
+    if (!in_place_) return 0;
     int64_t best = w, fewest = h * ((w + VL - 1) / VL);
     for (int64_t length = w + 1; length <= h * w; ++length) {
       const int64_t vectors = (h * w) % length ? fewest : (h * w / length) * ((length + VL - 1) / VL);
@@ -490,8 +487,6 @@ class KGSKernel {
       if (!in_place_) return std::min(q * channels_per_chunk, in_channels_) * k;   // sorted by channel block first
       return q / per_plane * in_channels_ + std::min(q % per_plane * channels_per_chunk, in_channels_);
     };
-    if (in_place_)
-      for (int64_t q = 0; q < p.chunks; ++q) p.chunk_kt.push_back(q / per_plane);
     p.chunk_start.resize(rows * (p.chunks + 1));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t* first = columns_.data() + row_start_[r];
@@ -505,15 +500,16 @@ class KGSKernel {
       for (int64_t t0 = 0; t0 < p.out[0]; t0 += p.tb)
         for (int64_t h0 = 0; h0 < p.out[1]; h0 += p.hb)
           for (int64_t r = 0; r < rows; r += p.block_rows_per_item) p.items.push_back({r, nn, t0, h0});
-    if (in_place_) return plans_.emplace(shape, std::move(p)).first->second;
     // Planes and rows of padded input that outputs read: with strides over 1 and small kernels
-    // (1x1x1 stride 2 reads a quarter of its input) the others need no copy.
-    p.need_t.assign(p.tp, 0);
-    p.need_h.assign(p.hp, 0);
-    for (int64_t t = 0; t < p.out[0]; ++t)
-      for (int64_t kt = 0; kt < kernel_[0]; ++kt) p.need_t[t * stride_[0] + kt * dilation_[0]] = 1;
-    for (int64_t h = 0; h < p.out[1]; ++h)
-      for (int64_t kh = 0; kh < kernel_[1]; ++kh) p.need_h[h * stride_[1] + kh * dilation_[1]] = 1;
+    // (1x1x1 stride 2 reads a quarter of its input) the others need no copy. In place: no copy.
+    if (!in_place_) {
+      p.need_t.assign(p.tp, 0);
+      p.need_h.assign(p.hp, 0);
+      for (int64_t t = 0; t < p.out[0]; ++t)
+        for (int64_t kt = 0; kt < kernel_[0]; ++kt) p.need_t[t * stride_[0] + kt * dilation_[0]] = 1;
+      for (int64_t h = 0; h < p.out[1]; ++h)
+        for (int64_t kh = 0; kh < kernel_[1]; ++kh) p.need_h[h * stride_[1] + kh * dilation_[1]] = 1;
+    }
     return plans_.emplace(shape, std::move(p)).first->second;
   }
 
@@ -613,7 +609,7 @@ class KGSKernel {
             const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
             const bool first = a == u0 && !in_place_;   // the block row's first chunk with columns writes
             const bool relu = relu_ && b == row_start_[r + 1] && !in_place_;   // and its last applies the ReLU
-            const int64_t kt = in_place_ ? p.chunk_kt[c] : 0;
+            const int64_t kt = in_place_ ? c / (p.chunks / kernel_[0]) : 0;     // the chunk's kernel plane
             auto reads = [&](const Tile& tile) {
               const int64_t plane_in = tile.plane * stride_[0] + kt * dilation_[0] - padding_[0];
               return !in_place_ || (plane_in >= 0 && plane_in < planes_in);
