@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_same, kgs_pruned_c3d, pruned_conv, trained_looking
 
 import admm
-from models import build_model, kgs_cpu
+from models import build_model, kgs_cpu, sparse_conv
 from models.slim import faster_model, load_model, save_model
 from models.sparse_conv import CompiledKGSConv3d, CompiledMaxPool3d, KGSConv3d, sparse_exec
 
@@ -363,9 +363,27 @@ def test_measured_choice_may_run_an_unpruned_conv_compiled_and_keeps_its_reason(
     assert report['2']['path'] == 'compiled' and report['2']['measured_speedup'] > 0
     with torch.no_grad():
         torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)
-    report = sparse_exec(model(), (8, 4), min_speedup=1e9, example_input=x, reps=1)
-    assert [row['path'] for row in report.values()] == ['dense', 'dense']
-    assert report['0']['reason'] == 'no zeros' and 'measured' in report['2']['reason']
+
+
+@needs_kernel
+@pytest.mark.parametrize('speedup', [1.05, 0.95])
+def test_an_unpruned_conv_takes_the_compiled_kernel_where_measured_faster_at_all(monkeypatch, speedup):
+    # The rule: a pruned conv needs `min_speedup`; an unpruned one (the same MACs either way) any speedup > 1.
+    timed = []
+
+    def fake_medians(fns, reps, clock=None):
+        timed.append(len(fns))
+        return [speedup, 1.0]          # dense, then compiled
+
+    monkeypatch.setattr(sparse_conv, 'interleaved_medians', fake_medians)
+    model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
+                          pruned_conv(16, 16, 3, ratio=0.8, padding=1)).eval()
+    report = sparse_exec(model, (8, 4), min_speedup=1.1, example_input=torch.randn(1, 3, 4, 12, 12), reps=1)
+    assert timed == [2, 2]
+    assert report['0']['measured_speedup'] == report['2']['measured_speedup'] == speedup
+    assert report['0']['path'] == ('compiled' if speedup > 1 else 'dense') and report['0']['reason'] == 'no zeros'
+    assert report['2']['path'] == 'dense' and report['2']['reason'] == f'measured {speedup:.2f}x < 1.1x'
+    assert isinstance(model[0], CompiledKGSConv3d) == (speedup > 1) and isinstance(model[2], nn.Conv3d)
 
 
 # ----------------------------------------------------------------------------- the fallback
