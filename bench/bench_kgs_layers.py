@@ -9,9 +9,9 @@ Layers: random weights hard-pruned by `admm.project(w, ratio, 'blk-kgs', block)`
 kept pattern, not on the values), one clip of the architecture's default geometry, each layer's real
 input size. Per layer: dense `F.conv3d` ms, compiled ms, speedup, GMAC/s on the MACs the kept weights
 need, and that rate as a share of the FMA peak (`kgs_cpu.fma_peak_gmacs`, a register-only FMA loop
-measured in the same interleaved rounds; the highest it reached is used: on a virtual machine whose two
-CPUs are at times placed on one physical core the peak halves for a while, and the share stays a lower
-bound). Whole models: the masked
+measured in the same interleaved rounds; the highest it has reached in the run so far is used: on a virtual
+machine whose two CPUs are at times placed on one physical core the peak halves for a while, and the share
+stays a lower bound). Whole models: the masked
 (dense) model against `faster_model` (each conv measured dense vs compiled on its input), and the
 torch KGS path (`RT3D_NO_COMPILED_KGS=1`) beside them; then a per-layer profile of the fast model.
 Times are medians of `--reps` interleaved rounds; speedups are ratios within one run. On a busy
@@ -63,8 +63,21 @@ def conv_inputs(model, clip_shape):
     return {n: (model.get_submodule(n), s) for n, s in shapes.items()}
 
 
+_highest = {}   # (threads, clock): the highest FMA peak read so far in this run
+
+
+def highest_peak(threads, clock, readings):
+    """The highest FMA peak read so far in this run at `threads` and `clock`, `readings` included. The CPU's
+    peak does not change between rounds; a low reading is the machine's other load (on this kind of
+    virtual machine a probe can read half), and a share taken against it reads high (over 100% seen)."""
+    key = (threads, clock)
+    _highest[key] = max([_highest.get(key, 0.0), *readings])
+    return _highest[key]
+
+
 def timed_rounds(fns, reps, threads, clock='wall'):
-    """Median seconds of each callable and the highest FMA peak, all measured in the same interleaved rounds.
+    """Median seconds of each callable, and the highest FMA peak of the run (`highest_peak`) with the probes
+    of these interleaved rounds.
     `clock='cpu'`: the process's CPU time instead of wall time (one thread on a busy machine: the time
     the work took where it ran, not the time other processes held the core)."""
     peaks = []
@@ -79,7 +92,7 @@ def timed_rounds(fns, reps, threads, clock='wall'):
     fns = list(fns) + [peak]
     with torch.no_grad():
         times = interleaved_medians(fns, reps, time.process_time if clock == 'cpu' else time.perf_counter)
-    return times[:-1], max(peaks)
+    return times[:-1], highest_peak(threads, clock, peaks)
 
 
 def layer_table(arch, ratio, block, reps, threads, names, clock='wall'):
@@ -178,7 +191,7 @@ def model_tables(block, reps, threads, clock='wall'):
             paths[row['path']] = paths.get(row['path'], 0) + 1
         profiles.append(f"\n{arch} {label} ({source}): conv paths {paths}; where a pass of the compiled model goes:\n")
         rows, total = profile_model(fast, clip, reps)
-        peak = max(kgs_cpu.fma_peak_gmacs(threads, cached=False) for _ in range(5))    # highest, as timed_rounds
+        peak = highest_peak(threads, 'wall', [kgs_cpu.fma_peak_gmacs(threads, cached=False) for _ in range(5)])
         profiles += ["| module | kind | ms | share | GMAC/s (needed) | % of peak |", "|---|---|---:|---:|---:|---:|"]
         shapes = conv_inputs(dense, clip.shape)
         kinds = {}

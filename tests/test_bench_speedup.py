@@ -1,6 +1,7 @@
 """bench/bench_speedup.py: speedups are taken against the fastest dense runtime of the same run, the
 runtimes are timed in turn, and a small run prints both tables with PyTorch and onnxruntime."""
 import os
+import re
 import sys
 
 import pytest
@@ -56,3 +57,37 @@ def test_a_small_run_prints_both_tables_with_pytorch_and_onnxruntime(tmp_path):
     assert 'KGS all: fast form vs fastest dense runtime: ' in text
     assert 'slim filter: fast form vs fastest dense runtime: ' in text
     assert '**WARNING**' not in text                                  # onnxruntime's outputs match PyTorch's
+
+
+def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run():
+    # A probe that reads low (the machine's other load) must not lower the peak the shares are taken against.
+    import torch
+    import torch.nn as nn
+
+    import admm
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)).eval()
+    pruned = bench_speedup.copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned[2].weight.copy_(admm.project(pruned[2].weight, 0.5, 'blk-kgs', (8, 4)))
+    pruned.block = (8, 4)
+    readings = iter([5.0, 8.0, 40.0, 20.0])          # two rounds (warm-up and timed) per conv
+    table, highest = bench_speedup.layer_table(dense, {'8x4': pruned}, None, torch.randn(1, 3, 4, 8, 8), 1,
+                                               10.0, probe=lambda: next(readings))
+    assert highest == 40.0
+    assert next(readings, None) is None                 # probed in both convs' rounds
+    rows = [line for line in table.splitlines() if line.startswith('| 0 ') or line.startswith('| 2 ')]
+    assert len(rows) == 2 and 'dense' in rows[0] and 'x, kept' in rows[1]
+    for row, peak in zip(rows, (10.0, 40.0)):        # conv 0: its readings 5 and 8 are below the start's 10
+        for gmacs, share in re.findall(r'ms, ([\d.]+) \((\d+)%\)', row):
+            assert abs(int(share) - 100 * float(gmacs) / peak) <= 1.5, (row, peak)
+
+
+def test_bench_kgs_layers_keeps_the_highest_peak_per_thread_count_and_clock():
+    import bench_kgs_layers
+    bench_kgs_layers._highest.clear()
+    assert bench_kgs_layers.highest_peak(2, 'wall', [50.0, 90.0]) == 90.0
+    assert bench_kgs_layers.highest_peak(2, 'wall', [45.0]) == 90.0              # a low reading later
+    assert bench_kgs_layers.highest_peak(1, 'wall', [46.0]) == 46.0              # per thread count
+    assert bench_kgs_layers.highest_peak(2, 'cpu', [60.0]) == 60.0               # and clock
+    assert bench_kgs_layers.highest_peak(2, 'wall', []) == 90.0
