@@ -117,6 +117,12 @@ inline void prefetch(const float* p) {
 #endif
 }
 
+inline void prefetch_for_write(float* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 1, 1);
+#endif
+}
+
 // Register tiles: MR filters x NV vectors, MR*NV accumulators plus NV input vectors and one
 // broadcast within the 16 vector registers of AVX2.
 constexpr int MR_MAX = 4;
@@ -586,6 +592,12 @@ class KGSKernel {
         }
         if (t.count) tiles.push_back(t);
         const int64_t last_block_row = std::min<int64_t>(row_start_.size() - 1, r0 + p.block_rows_per_item);
+        // The item's outputs, fetched for writing (into L2) as it starts: the tiles of a block row's first
+        // chunk store to cold lines, and took 10-25% longer per kept column than the later chunks' tiles.
+        // 0.99-1.07x on C3D's convs in three interleaved runs (1.03-1.05 in the longest).
+        for (int64_t f = r0 * gm_; f < std::min(out_channels_, last_block_row * gm_); ++f)
+          for (const Tile& tile : tiles)
+            for (int j = 0; j < tile.count; ++j) prefetch_for_write(y + f * volume + tile.out[j]);
         // A block row that keeps nothing: its outputs are the bias. In place every block row starts from
         // its bias, and its chunks add (an end plane may skip a block row's first or last chunk).
         for (int64_t r = r0; r < last_block_row; ++r) {
