@@ -492,8 +492,8 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
             from models.kgs_cpu import fma_peak_gmacs
             probe = functools.partial(fma_peak_gmacs, threads, cached=False)
         table, highest = layer_table(base, variants, slim, clip, reps, peak[0], probe)
-        tables.append(f"Per conv, {peak[1]} {highest:.1f} GMAC/s at {threads} thread(s) (the highest probe reading "
-                      f"of the rounds; shares against the highest so far):\n\n" + table)
+        how = ' (the highest probe reading of the rounds; shares against the highest so far)' if probe else ''
+        tables.append(f"Per conv, {peak[1]} {highest:.1f} GMAC/s at {threads} thread(s){how}:\n\n" + table)
     if opts.layers_only:
         return '\n\n'.join(tables)
 

@@ -1,12 +1,18 @@
 """bench/bench_speedup.py: speedups are taken against the fastest dense runtime of the same run, the
-runtimes are timed in turn, and a small run prints both tables with PyTorch and onnxruntime."""
+runtimes are timed in turn, shares of the FMA peak are against the highest reading of the run (here and
+in bench/bench_kgs_layers.py), and a small run prints both tables with PyTorch and onnxruntime."""
 import os
 import re
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
+
+import admm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+import bench_kgs_layers  # noqa: E402
 import bench_speedup  # noqa: E402
 
 
@@ -61,10 +67,6 @@ def test_a_small_run_prints_both_tables_with_pytorch_and_onnxruntime(tmp_path):
 
 def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run():
     # A probe that reads low (the machine's other load) must not lower the peak the shares are taken against.
-    import torch
-    import torch.nn as nn
-
-    import admm
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)).eval()
     pruned = bench_speedup.copy.deepcopy(dense)
@@ -84,7 +86,6 @@ def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run():
 
 
 def test_bench_kgs_layers_keeps_the_highest_peak_per_thread_count_and_clock():
-    import bench_kgs_layers
     bench_kgs_layers._highest.clear()
     assert bench_kgs_layers.highest_peak(2, 'wall', [50.0, 90.0]) == 90.0
     assert bench_kgs_layers.highest_peak(2, 'wall', [45.0]) == 90.0              # a low reading later
