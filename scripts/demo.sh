@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole method on a dataset made on the spot: runs on any machine (2 CPU cores are enough,
-# no download) in about 17 minutes (16 min 36 s measured on an idle 2-core AMD EPYC).
+# no download) in about 15 minutes (14 min 46 s and 16 min 36 s measured on an idle 2-core AMD EPYC).
 #   1. writes a small synthetic action dataset as real .avi videos: the camera pans up or down,
 #      zooms in or out, or stays still over a random textured scene (only motion tells the
 #      classes apart, and a horizontal flip changes none of them);
