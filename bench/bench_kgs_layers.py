@@ -63,21 +63,9 @@ def conv_inputs(model, clip_shape):
     return {n: (model.get_submodule(n), s) for n, s in shapes.items()}
 
 
-_highest = {}   # (threads, clock): the highest FMA peak read so far in this run
-
-
-def highest_peak(threads, clock, readings):
-    """The highest FMA peak read so far in this run at `threads` and `clock`, `readings` included. The CPU's
-    peak does not change between rounds; a low reading is the machine's other load (on this kind of
-    virtual machine a probe can read half), and a share taken against it reads high (over 100% seen)."""
-    key = (threads, clock)
-    _highest[key] = max([_highest.get(key, 0.0), *readings])
-    return _highest[key]
-
-
 def timed_rounds(fns, reps, threads, clock='wall'):
-    """Median seconds of each callable, and the highest FMA peak of the run (`highest_peak`) with the probes
-    of these interleaved rounds.
+    """Median seconds of each callable, and the highest FMA peak of the run (`kgs_cpu.highest_fma_peak`)
+    with the probes of these interleaved rounds.
     `clock='cpu'`: the process's CPU time instead of wall time (one thread on a busy machine: the time
     the work took where it ran, not the time other processes held the core)."""
     peaks = []
@@ -92,7 +80,7 @@ def timed_rounds(fns, reps, threads, clock='wall'):
     fns = list(fns) + [peak]
     with torch.no_grad():
         times = interleaved_medians(fns, reps, time.process_time if clock == 'cpu' else time.perf_counter)
-    return times[:-1], highest_peak(threads, clock, peaks)
+    return times[:-1], kgs_cpu.highest_fma_peak(threads, peaks, clock)
 
 
 def layer_table(arch, ratio, block, reps, threads, names, clock='wall'):
@@ -191,7 +179,7 @@ def model_tables(block, reps, threads, clock='wall'):
             paths[row['path']] = paths.get(row['path'], 0) + 1
         profiles.append(f"\n{arch} {label} ({source}): conv paths {paths}; where a pass of the compiled model goes:\n")
         rows, total = profile_model(fast, clip, reps)
-        peak = highest_peak(threads, 'wall', [kgs_cpu.fma_peak_gmacs(threads, cached=False) for _ in range(5)])
+        peak = kgs_cpu.highest_fma_peak(threads, [kgs_cpu.fma_peak_gmacs(threads, cached=False) for _ in range(5)])
         profiles += ["| module | kind | ms | share | GMAC/s (needed) | % of peak |", "|---|---|---:|---:|---:|---:|"]
         shapes = conv_inputs(dense, clip.shape)
         kinds = {}

@@ -214,9 +214,10 @@ def layer_table(dense, variants, slim, clip, reps, peak, probe=None):
     """Per conv of the dense model: dense conv3d ms, GMAC/s and share of the peak; per variant (and the slim
     model) its layer's ms, speedup, kept share, GMAC/s on the kept weights' MACs and share of the peak.
     Every pruned conv of a variant is on the KGS path here, including those the whole model keeps dense.
-    `probe` (a callable returning GMAC/s), if given, reads the peak again in each conv's rounds: the shares
-    are against the highest reading so far, `peak` included (a low one is the machine's other load).
-    Returns the table and that highest peak."""
+    `peak`: a callable returning the GMAC/s to take shares against, asked after each conv's rounds;
+    `probe`, if given, is called in those rounds: it reads the peak again, and with `peak` being
+    `kgs_cpu.highest_fma_peak` the shares are against the highest reading of the run so far.
+    Returns the table and the last peak."""
     inputs = conv_inputs(dense, clip)
     forced = {}
     for label, model in variants.items():
@@ -248,18 +249,17 @@ def layer_table(dense, variants, slim, clip, reps, peak, probe=None):
                     cells[label] = conv_macs(masked, x, conv(x))[1]
         with torch.no_grad():
             dense_macs = conv_macs(conv, x, conv(x))[0]
-        readings = []
         if probe is not None:
-            fns['peak probe'] = lambda: readings.append(probe())
+            fns['peak probe'] = probe
         t = interleaved(fns, reps)
-        peak = max([peak, *readings])
-        row = [name, tuple(x.shape[1:]), f"{dense_macs / 1e9:.2f}", rate(t['dense'], dense_macs, peak)]
+        now = peak()
+        row = [name, tuple(x.shape[1:]), f"{dense_macs / 1e9:.2f}", rate(t['dense'], dense_macs, now)]
         totals['dense'] += t['dense']
         for label in forced:
             if label in cells:
                 totals[label] += t[label]
                 row.append(f"{t['dense'] / t[label]:.2f}x, kept {cells[label] / dense_macs:.0%}: "
-                           + rate(t[label], cells[label], peak))
+                           + rate(t[label], cells[label], now))
             else:
                 totals[label] += t['dense']
                 row.append('dense')
@@ -272,7 +272,7 @@ def layer_table(dense, variants, slim, clip, reps, peak, probe=None):
     head = ['conv', 'input (C, T, H, W)', 'GMAC', 'dense conv3d: ms, GMAC/s (peak)']
     head += [f"{'KGS ' if label != 'slim filter' else ''}{label}: speedup, kept MACs: ms, GMAC/s (peak)"
              for label in forced]
-    return markdown(head, rows), peak
+    return markdown(head, rows), now
 
 
 def rate(seconds, mac_count, peak):
@@ -487,11 +487,12 @@ def run_model(arch, profile, blocks, batch, reps, runtimes, opts, peak):
     tables = []
     if not opts.no_layers:
         print(f"  per conv (peak {peak[0]:.1f} GMAC/s: {peak[1]}, {threads} thread(s))", flush=True)
-        probe = None
+        peak_now, probe = (lambda: peak[0]), None
         if peak[1] == 'FMA peak':
-            from models.kgs_cpu import fma_peak_gmacs
+            from models.kgs_cpu import fma_peak_gmacs, highest_fma_peak
+            peak_now = functools.partial(highest_fma_peak, threads)
             probe = functools.partial(fma_peak_gmacs, threads, cached=False)
-        table, highest = layer_table(base, variants, slim, clip, reps, peak[0], probe)
+        table, highest = layer_table(base, variants, slim, clip, reps, peak_now, probe)
         how = ' (the highest probe reading of the rounds; shares against the highest so far)' if probe else ''
         tables.append(f"Per conv, {peak[1]} {highest:.1f} GMAC/s at {threads} thread(s){how}:\n\n" + table)
     if opts.layers_only:

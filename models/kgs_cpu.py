@@ -32,6 +32,7 @@ OPENMP = ['-fopenmp']
 _state = {}              # 'module' or 'error', once tried
 _build_lock = threading.Lock()
 _peaks = {}
+_highest = {}    # (threads, clock): highest_fma_peak's running maximum
 
 
 def isa():
@@ -127,16 +128,32 @@ def log_unavailable_once():
 def fma_peak_gmacs(threads=None, cached=True):
     """Measured FMA peak of this CPU in GMAC/s: a register-only FMA loop (about 10 ms) on `threads`
     threads (default torch.get_num_threads()), best of three; cached per thread count unless not `cached`
-    (then one run, for benchmarks that measure it between their own runs on a busy machine)."""
+    (then one run, for benchmarks that measure it between their own runs on a busy machine). Every
+    reading also counts towards `highest_fma_peak`."""
     module = _load()
     if module is None:
         raise RuntimeError(f"fma_peak_gmacs needs the compiled kernel: {why_unavailable()}")
     threads = int(threads or torch.get_num_threads())
     if not cached:
-        return module.fma_peak_gmacs(threads, 1)
+        reading = module.fma_peak_gmacs(threads, 1)
+        highest_fma_peak(threads, [reading])
+        return reading
     if threads not in _peaks:
         _peaks[threads] = module.fma_peak_gmacs(threads, 3)
+        highest_fma_peak(threads, [_peaks[threads]])
     return _peaks[threads]
+
+
+def highest_fma_peak(threads=None, readings=(), clock='wall'):
+    """The highest FMA peak in GMAC/s read in this process on `threads` threads (default
+    torch.get_num_threads()): every `fma_peak_gmacs` reading (wall clock) and `readings` given here, kept
+    apart per `clock` (a benchmark may time the probe by the process's CPU time instead); 0.0 before any.
+    Benchmarks take shares of the peak against it: the CPU's peak does not change within a run, a low
+    reading is other load on the machine (on a virtual machine a probe can read half), and a share taken
+    against a low reading reads high (over 100% seen)."""
+    key = (int(threads or torch.get_num_threads()), clock)
+    _highest[key] = max([_highest.get(key, 0.0), *map(float, readings)])
+    return _highest[key]
 
 
 def parallel_threads():

@@ -1,15 +1,18 @@
 """bench/bench_speedup.py: speedups are taken against the fastest dense runtime of the same run, the
 runtimes are timed in turn, shares of the FMA peak are against the highest reading of the run (here and
 in bench/bench_kgs_layers.py), and a small run prints both tables with PyTorch and onnxruntime."""
+import functools
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
 import admm
+from models import kgs_cpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 import bench_kgs_layers  # noqa: E402
@@ -65,17 +68,22 @@ def test_a_small_run_prints_both_tables_with_pytorch_and_onnxruntime(tmp_path):
     assert '**WARNING**' not in text                                  # onnxruntime's outputs match PyTorch's
 
 
-def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run():
+def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run(monkeypatch):
     # A probe that reads low (the machine's other load) must not lower the peak the shares are taken against.
+    # The probe's readings go where fma_peak_gmacs puts its own (test below): kgs_cpu.highest_fma_peak.
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)).eval()
     pruned = bench_speedup.copy.deepcopy(dense)
     with torch.no_grad():
         pruned[2].weight.copy_(admm.project(pruned[2].weight, 0.5, 'blk-kgs', (8, 4)))
     pruned.block = (8, 4)
+    threads = 1001                                    # a thread count no other test reads the peak of
     readings = iter([5.0, 8.0, 40.0, 20.0])          # two rounds (warm-up and timed) per conv
+    monkeypatch.setattr(kgs_cpu, '_highest', {})
+    kgs_cpu.highest_fma_peak(threads, [10.0])        # the run's first reading
     table, highest = bench_speedup.layer_table(dense, {'8x4': pruned}, None, torch.randn(1, 3, 4, 8, 8), 1,
-                                               10.0, probe=lambda: next(readings))
+                                               functools.partial(kgs_cpu.highest_fma_peak, threads),
+                                               probe=lambda: kgs_cpu.highest_fma_peak(threads, [next(readings)]))
     assert highest == 40.0
     assert next(readings, None) is None                 # probed in both convs' rounds
     rows = [line for line in table.splitlines() if line.startswith('| 0 ') or line.startswith('| 2 ')]
@@ -85,10 +93,22 @@ def test_per_conv_shares_are_against_the_highest_peak_read_so_far_in_the_run():
             assert abs(int(share) - 100 * float(gmacs) / peak) <= 1.5, (row, peak)
 
 
-def test_bench_kgs_layers_keeps_the_highest_peak_per_thread_count_and_clock():
-    bench_kgs_layers._highest.clear()
-    assert bench_kgs_layers.highest_peak(2, 'wall', [50.0, 90.0]) == 90.0
-    assert bench_kgs_layers.highest_peak(2, 'wall', [45.0]) == 90.0              # a low reading later
-    assert bench_kgs_layers.highest_peak(1, 'wall', [46.0]) == 46.0              # per thread count
-    assert bench_kgs_layers.highest_peak(2, 'cpu', [60.0]) == 60.0               # and clock
-    assert bench_kgs_layers.highest_peak(2, 'wall', []) == 90.0
+def test_the_highest_peak_is_kept_per_thread_count_and_clock(monkeypatch):
+    monkeypatch.setattr(kgs_cpu, '_highest', {})
+    assert kgs_cpu.highest_fma_peak(2) == 0.0                                   # nothing read yet
+    assert kgs_cpu.highest_fma_peak(2, [50.0, 90.0]) == 90.0
+    assert kgs_cpu.highest_fma_peak(2, [45.0]) == 90.0              # a low reading later
+    assert kgs_cpu.highest_fma_peak(1, [46.0]) == 46.0              # per thread count
+    assert kgs_cpu.highest_fma_peak(2, [60.0], 'cpu') == 60.0       # and clock
+    assert kgs_cpu.highest_fma_peak(2) == 90.0
+    # every reading of fma_peak_gmacs counts, cached or not (its compiled loop replaced by fixed readings)
+    readings = iter([120.0, 70.0])
+    monkeypatch.setitem(kgs_cpu._state, 'module', SimpleNamespace(fma_peak_gmacs=lambda t, runs: next(readings)))
+    monkeypatch.setattr(kgs_cpu, '_peaks', {})
+    assert kgs_cpu.fma_peak_gmacs(2, cached=False) == 120.0
+    assert kgs_cpu.fma_peak_gmacs(3) == 70.0
+    assert kgs_cpu.highest_fma_peak(2) == 120.0 and kgs_cpu.highest_fma_peak(3) == 70.0
+    # bench_kgs_layers' rounds give the highest of the run, not of their own probes
+    monkeypatch.setattr(bench_kgs_layers.kgs_cpu, 'fma_peak_gmacs', lambda t, cached=True: 30.0)
+    times, peak = bench_kgs_layers.timed_rounds([lambda: None], 1, 2)
+    assert peak == 120.0 and len(times) == 1
