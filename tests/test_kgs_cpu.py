@@ -231,18 +231,24 @@ POOLS = {   # kernel, stride, padding, input: C3D's pools (pool5 padded), S3D's,
     's3d pool4 2, stride (1,2,2)': (2, (1, 2, 2), 0, (1, 4, 4, 8, 8)),
     'one row, padded all round': (3, 1, 1, (1, 2, 3, 1, 5)),
     'padding in T and W only': (3, 1, (1, 0, 1), (1, 2, 3, 4, 5)),
+    's3d pool3 3, stride 2, padding 1, long rows': (3, 2, 1, (1, 3, 7, 6, 37)),
+    'stride 3 in W, 1 in T': ((2, 2, 3), (1, 2, 3), (1, 0, 1), (1, 2, 5, 7, 20)),
+    'dilation 2': (3, 1, 1, (1, 3, 9, 8, 19), 2),
+    'kernel planes 4, stride 1': ((4, 1, 2), 1, (2, 0, 1), (1, 2, 6, 3, 9)),
 }
 
 
 @needs_kernel
 @pytest.mark.parametrize('pool', POOLS, ids=list(POOLS))
 def test_compiled_max_pool_equals_pytorch_s_nan_included(pool, threads):
-    kernel, stride, padding, shape = POOLS[pool]
+    kernel, stride, padding, shape, *dilation = POOLS[pool]
+    dilation = dilation[0] if dilation else 1
     torch.manual_seed(0)
     x = torch.randn(shape)
     x.view(-1)[::37] = float('nan')                    # a NaN in a window wins, as in PyTorch
     x.view(-1)[5::41] = float('-inf')
-    y, ref = kgs_cpu.max_pool3d(x, kernel, stride, padding), F.max_pool3d(x, kernel, stride, padding)
+    y = kgs_cpu.max_pool3d(x, kernel, stride, padding, dilation)
+    ref = F.max_pool3d(x, kernel, stride, padding, dilation)
     assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())
     assert torch.equal(y.nan_to_num(0.5), ref.nan_to_num(0.5))
 

@@ -673,10 +673,17 @@ class KGSKernel {
 };
 
 // Max pooling without indices (PyTorch's CPU max_pool3d computes them even for inference, and spends
-// about ten times a pass over memory on C3D's pool1). Per output row: the max over the kernel's
-// (T, H) rows of input into one row (contiguous, vectorised), then the windows along W. NaN wins,
-// as in PyTorch. Padding only ever widens windows that hold at least one input element.
+// about ten times a pass over memory on C3D's pool1). Separably, each step along contiguous rows (the
+// compiler vectorises them): per output plane, the max over the kernel's T planes of every input row
+// the plane's outputs read; per output row, the max of those over the kernel's H rows into one row;
+// then the windows along W, one kernel column at a time. A 3x3x3 pool at stride 1 (S3D's inception
+// branches) takes 3 + 3 + 3 maxima per output this way, not 27, and none of them scalar. NaN wins, as in
+// PyTorch. Padding only ever widens windows that hold at least one input element.
 inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+inline void max_into(float* __restrict to, const float* __restrict from, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) to[j] = nan_max(to[j], from[j]);
+}
 
 at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
                       std::vector<int64_t> padding, std::vector<int64_t> dilation) {
@@ -692,44 +699,74 @@ at::Tensor max_pool3d(at::Tensor x, std::vector<int64_t> kernel, std::vector<int
   auto y = at::empty({x.size(0), x.size(1), out[0], out[1], out[2]}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = y.data_ptr<float>();
-  const int64_t w = size[2];
+  const int64_t h_in = size[1], w = size[2];
+  const float lowest = -std::numeric_limits<float>::infinity();
   // The row buffer holds -inf in W's padding on both sides: windows need no bounds checks.
   const int64_t pw = padding[2], width = std::max(w + 2 * pw, (out[2] - 1) * stride[2] + (kernel[2] - 1) * dilation[2] + 1);
-  const bool pairs = kernel[2] == 2 && stride[2] == 2 && dilation[2] == 1;
+  const int64_t sw = stride[2], dw = dilation[2];
+  const bool pairs = kernel[2] == 2 && sw == 2 && dw == 1;
+  // Input rows of an input plane that some output row reads (strides over the kernel skip some).
+  std::vector<char> need_h(h_in, 0);
+  for (int64_t h = 0; h < out[1]; ++h)
+    for (int64_t kh = 0; kh < kernel[1]; ++kh) {
+      const int64_t hi = h * stride[1] - padding[1] + kh * dilation[1];
+      if (hi >= 0 && hi < h_in) need_h[hi] = 1;
+    }
+  // The max over the kernel's T planes first pays where output rows share input rows (3x3x3 at stride
+  // 1); where they do not (C3D's 2x2x2 at stride 2) the rows go into each output row directly.
+  const bool planes_first = kernel[0] > 1 && (kernel[1] - 1) * dilation[1] + 1 > stride[1];
   at::parallel_for(0, nc * out[0], 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(width, -std::numeric_limits<float>::infinity());
+    std::vector<float> buffer(width, lowest), merged(planes_first ? h_in * w : 0);
+    std::vector<const float*> sources;     // input planes of the output plane (or their merged max)
     float* line = buffer.data() + pw;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t plane = i / out[0], t = i % out[0];
+      sources.clear();
+      for (int64_t kt = 0; kt < kernel[0]; ++kt) {
+        const int64_t ti = t * stride[0] - padding[0] + kt * dilation[0];
+        if (ti >= 0 && ti < size[0]) sources.push_back(src + (plane * size[0] + ti) * h_in * w);
+      }
+      if (planes_first && sources.size() > 1) {
+        for (int64_t hi = 0; hi < h_in; ++hi) {
+          if (!need_h[hi]) continue;
+          float* to = merged.data() + hi * w;
+          std::memcpy(to, sources[0] + hi * w, w * sizeof(float));
+          for (size_t q = 1; q < sources.size(); ++q) max_into(to, sources[q] + hi * w, w);
+        }
+        sources.assign(1, merged.data());
+      }
       for (int64_t h = 0; h < out[1]; ++h) {
         bool any = false;
-        for (int64_t kt = 0; kt < kernel[0]; ++kt) {
-          const int64_t ti = t * stride[0] - padding[0] + kt * dilation[0];
-          if (ti < 0 || ti >= size[0]) continue;
-          for (int64_t kh = 0; kh < kernel[1]; ++kh) {
-            const int64_t hi = h * stride[1] - padding[1] + kh * dilation[1];
-            if (hi < 0 || hi >= size[1]) continue;
-            const float* in = src + ((plane * size[0] + ti) * size[1] + hi) * w;
-            if (!any) {
-              std::memcpy(line, in, w * sizeof(float));
-              any = true;
-            } else {
-              for (int64_t j = 0; j < w; ++j) line[j] = nan_max(line[j], in[j]);
-            }
+        for (int64_t kh = 0; kh < kernel[1]; ++kh) {
+          const int64_t hi = h * stride[1] - padding[1] + kh * dilation[1];
+          if (hi < 0 || hi >= h_in) continue;
+          for (const float* from : sources) {
+            if (!any) std::memcpy(line, from + hi * w, w * sizeof(float));
+            else max_into(line, from + hi * w, w);
+            any = true;
           }
         }
-        if (!any) std::fill(line, line + w, -std::numeric_limits<float>::infinity());
+        if (!any) std::fill(line, line + w, lowest);
         float* o = dst + (i * out[1] + h) * out[2];
         const float* first = buffer.data();
-        if (pairs) {               // C3D's pools: windows of 2 at stride 2, which the compiler vectorises
+        if (pairs) {               // C3D's pools: windows of 2 at stride 2
           for (int64_t j = 0; j < out[2]; ++j) o[j] = nan_max(first[2 * j], first[2 * j + 1]);
           continue;
         }
-        for (int64_t j = 0; j < out[2]; ++j) {
-          const float* window = first + j * stride[2];
-          float m = window[0];
-          for (int64_t kw = 1; kw < kernel[2]; ++kw) m = nan_max(m, window[kw * dilation[2]]);
-          o[j] = m;
+        // Window by window the maxima would be scalar: kernel column by kernel column, across the row.
+        if (sw == 1) {
+          std::memcpy(o, first, out[2] * sizeof(float));
+          for (int64_t kw = 1; kw < kernel[2]; ++kw) max_into(o, first + kw * dw, out[2]);
+        } else {
+          for (int64_t j = 0; j < out[2]; ++j) o[j] = first[j * sw];
+          for (int64_t kw = 1; kw < kernel[2]; ++kw) {
+            const float* shifted = first + kw * dw;
+            if (sw == 2) {
+              for (int64_t j = 0; j < out[2]; ++j) o[j] = nan_max(o[j], shifted[2 * j]);
+            } else {
+              for (int64_t j = 0; j < out[2]; ++j) o[j] = nan_max(o[j], shifted[j * sw]);
+            }
+          }
         }
       }
     }
