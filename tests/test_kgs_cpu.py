@@ -147,6 +147,26 @@ def test_a_kernel_one_row_high_reads_its_input_in_place_and_fuses_the_relu_after
 
 
 @needs_kernel
+@pytest.mark.parametrize('channels', [36, 512], ids=['one channel range', 'several channel ranges'])
+def test_in_place_the_kernel_planes_of_a_channel_range_add_in_one_call(channels, threads):
+    # A tile takes the kernel planes its output plane reads in one call. With all input channels in one
+    # range that call starts from the bias and applies the ReLU; a block row keeping only kernel plane 0
+    # reads nothing for the first output plane (T padding 1): the bias alone, through the ReLU. With 512
+    # channels (every column kept: 64 channels of 3 columns reach the columns a call may hold) the
+    # ranges add to the bias written first, and the ReLU follows the last.
+    weight = kgs_weight(32, channels, (3, 1, 1), ratio=0.5 if channels < 64 else 0.0)
+    weight[8:16] = 0                                   # a block row of bias only
+    weight[16:24, :, 1:] = 0                           # a block row keeping kernel plane 0 alone
+    bias = torch.randn(32)
+    x = torch.randn(1, channels, 3, 4, 5)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, (1, 0, 0), 1, relu=True)
+    ref = torch.relu(reference(x, weight, bias, 1, (1, 0, 0), 1))
+    assert torch.equal(ref[0, 16:24, 0], bias[16:24].clamp(min=0).view(8, 1, 1).expand(8, 4, 5))
+    for _ in range(2):
+        assert_exact(kgs_cpu.conv(x, kernel), ref)
+
+
+@needs_kernel
 def test_kernel_without_bias_with_strided_input_and_changing_shapes(threads):
     weight = kgs_weight(20, 8, 3)
     kernel = kgs_cpu.pack(weight, 8, None, 1, 1, 1)
