@@ -2,7 +2,10 @@
 import torch
 import torch.nn as nn
 
+from .fusion import relu_after
 from .links import Link
+
+CONVS = ('conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b')
 
 
 class C3D(nn.Module):
@@ -55,12 +58,18 @@ class C3D(nn.Module):
         t, s = t // 2, s // 2 + 1                   # pool5 pads H and W by one
         return 512 * t * s * s
 
+    # The ReLU after each conv, which a compiled conv of the fast form applies itself (models.fusion).
+    fusable_relus = tuple((name, None) for name in CONVS)
+
+    def conv_relu(self, conv, x):
+        return relu_after(conv, conv(x), self.relu)
+
     def features(self, x):
-        x = self.pool1(self.relu(self.conv1(x)))
-        x = self.pool2(self.relu(self.conv2(x)))
-        x = self.pool3(self.relu(self.conv3b(self.relu(self.conv3a(x)))))
-        x = self.pool4(self.relu(self.conv4b(self.relu(self.conv4a(x)))))
-        x = self.pool5(self.relu(self.conv5b(self.relu(self.conv5a(x)))))
+        x = self.pool1(self.conv_relu(self.conv1, x))
+        x = self.pool2(self.conv_relu(self.conv2, x))
+        x = self.pool3(self.conv_relu(self.conv3b, self.conv_relu(self.conv3a, x)))
+        x = self.pool4(self.conv_relu(self.conv4b, self.conv_relu(self.conv4a, x)))
+        x = self.pool5(self.conv_relu(self.conv5b, self.conv_relu(self.conv5a, x)))
         return torch.flatten(x, 1)
 
     def forward(self, x):
@@ -72,7 +81,7 @@ class C3D(nn.Module):
 
 def channel_links(model):
     """The channel links of a C3D (models.links): a chain of convs, then pool5 flattened into fc6."""
-    convs = ['conv1', 'conv2', 'conv3a', 'conv3b', 'conv4a', 'conv4b', 'conv5a', 'conv5b']
+    convs = list(CONVS)
     links = [Link([(a, ['relu'])], [(b, 1)]) for a, b in zip(convs, convs[1:])]
     per_channel = model.fc6.in_features // model.conv5b.out_channels    # fc6 reads the flattened pool5
     links.append(Link([('conv5b', ['relu'])], [('fc6', per_channel)]))

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+from .fusion import relu_after
 from .links import Link
 
 
@@ -14,8 +15,10 @@ class BasicConv3d(nn.Module):
         self.bn = nn.BatchNorm3d(out_planes, eps=1e-3, momentum=0.001)
         self.relu = nn.ReLU(inplace=True)
 
+    fusable_relus = (('conv', 'bn'),)      # models.fusion
+
     def forward(self, x):
-        return self.relu(self.bn(self.conv(x)))
+        return relu_after(self.conv, self.bn(self.conv(x)), self.relu)
 
 
 class STConv3d(nn.Module):
@@ -32,9 +35,11 @@ class STConv3d(nn.Module):
         self.bn_t = nn.BatchNorm3d(out_planes, eps=1e-3, momentum=0.001)
         self.relu = nn.ReLU(inplace=True)
 
+    fusable_relus = (('conv', 'bn'), ('conv_t', 'bn_t'))      # models.fusion
+
     def forward(self, x):
-        x = self.relu(self.bn(self.conv(x)))
-        return self.relu(self.bn_t(self.conv_t(x)))
+        x = relu_after(self.conv, self.bn(self.conv(x)), self.relu)
+        return relu_after(self.conv_t, self.bn_t(self.conv_t(x)), self.relu)
 
 
 class Inception(nn.Module):

@@ -293,10 +293,12 @@ def compile_pools(model):
 
 
 def fuse_relu(model):
-    """Make, in place, every nn.ReLU that follows a CompiledKGSConv3d in an nn.Sequential (BatchNorms
-    folded away, nested Sequentials ending in the conv included) part of that conv, the ReLU replaced by
-    nn.Identity: the kernel applies it as it stores its outputs, one pass over them fewer. ReLUs called
-    from a module's forward (C3D's, S3D's, R(2+1)D's after the residual sum) stay. Returns the ReLUs fused."""
+    """Make, in place, the ReLU after each CompiledKGSConv3d part of that conv: the kernel applies it as it
+    stores its outputs, one pass over them fewer. An nn.ReLU that follows the conv in an nn.Sequential
+    (BatchNorms folded away, nested Sequentials ending in the conv included) becomes nn.Identity; a ReLU
+    a module's forward applies (C3D's, S3D's; listed in its `fusable_relus`, models.fusion) is left out by
+    that forward once the conv has it, where only an nn.Identity lies between. R(2+1)D's ReLUs after the
+    residual sums stay. Returns the ReLUs fused: Sequential positions, or `<conv>.relu` for the others."""
     def last(module):              # the module whose output a Sequential returns
         while isinstance(module, nn.Sequential):
             inner = [m for m in module if not isinstance(m, nn.Identity)]
@@ -307,6 +309,13 @@ def fuse_relu(model):
 
     fused = []
     for name, seq in model.named_modules():
+        prefix = f'{name}.' if name else ''
+        for conv_name, between in getattr(seq, 'fusable_relus', ()):
+            conv = getattr(seq, conv_name)
+            if type(conv) is CompiledKGSConv3d and not conv.relu and \
+                    (between is None or isinstance(getattr(seq, between), nn.Identity)):
+                conv.relu = True
+                fused.append(f'{prefix}{conv_name}.relu')
         if not isinstance(seq, nn.Sequential):
             continue
         before = None
@@ -316,7 +325,7 @@ def fuse_relu(model):
                 if type(conv) is CompiledKGSConv3d and not conv.relu:
                     conv.relu = True
                     seq[index] = nn.Identity()
-                    fused.append(f'{name}.{index}' if name else str(index))
+                    fused.append(f'{prefix}{index}')
                     continue
             if not isinstance(module, nn.Identity):
                 before = module

@@ -331,7 +331,13 @@ def test_faster_model_runs_every_architecture_compiled_with_the_masked_model_s_o
     assert report['pools'] == pools and all(type(fast.get_submodule(n)) is CompiledMaxPool3d for n in pools)
     batchnorms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)]
     assert sorted(report['folded']) == sorted(batchnorms)      # each follows a conv in these three models
-    assert bool(report['relu_fused']) == (arch == 'r2+1d')     # only R(2+1)D's ReLUs sit in Sequentials
+    # C3D's and S3D's ReLUs are applied by their forwards (models.fusion): each compiled conv takes its own
+    # (S3D's BatchNorms are folded away); R(2+1)D's sit in Sequentials, or follow the residual sums
+    if arch == 'r2+1d':
+        assert report['relu_fused'] and not any(n.endswith('.relu') for n in report['relu_fused'])
+    else:
+        assert sorted(report['relu_fused']) == sorted(f'{n}.relu' for n in compiled)
+        assert all(fast.get_submodule(n).relu for n in compiled)
     save_model(fast, tmp_path / 'fast.pt', arch, 5, **geometry)
     loaded = load_model(tmp_path / 'fast.pt')
     with torch.no_grad():
@@ -358,6 +364,43 @@ def test_relus_after_compiled_convs_in_sequentials_are_fused_and_still_applied_w
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match='ReLU'):
         dense_exec(model)
+
+
+@needs_kernel
+def test_a_relu_a_forward_applies_goes_into_a_compiled_conv_only_where_an_identity_lies_between(monkeypatch):
+    from models.s3d import STConv3d
+    from models.slim import fuse_relu
+    from models.sparse_conv import dense_exec
+    model, x, ref = kgs_pruned_c3d((8, 4))
+    sparse_exec(model, (8, 4), min_speedup=0)         # the pruned convs compiled; conv1 and conv4a stay dense
+    compiled = [n for n, m in model.named_children() if type(m) is CompiledKGSConv3d]
+    assert compiled and 'conv1' not in compiled
+    calls = []
+    model.relu.register_forward_hook(lambda *args: calls.append(1))
+    assert fuse_relu(model) == [f'{n}.relu' for n in compiled]
+    with torch.no_grad():
+        assert_same(model(x), ref)
+        assert len(calls) == 8 - len(compiled) + 2         # the dense convs' ReLUs, and fc6's and fc7's
+        monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')   # the torch path applies the ReLU it holds
+        assert_same(model(x), ref)
+    monkeypatch.delenv('RT3D_NO_COMPILED_KGS')
+    with pytest.raises(ValueError, match='ReLU'):
+        dense_exec(model)
+    # S3D's separable conv: a ReLU after a BatchNorm stays with the forward; after an Identity (where
+    # fold_batchnorm leaves one) it goes into the conv
+    block = trained_looking(STConv3d(8, 16, 3))
+    with torch.no_grad():
+        block.conv.weight.copy_(admm.project(block.conv.weight, 0.5, 'blk-kgs', (8, 4)))
+        block.conv_t.weight.copy_(admm.project(block.conv_t.weight, 0.5, 'blk-kgs', (8, 4)))
+    sparse_exec(block, (8, 4), min_speedup=0)
+    block.bn_t = nn.Identity()
+    x = torch.randn(1, 8, 4, 6, 6)
+    with torch.no_grad():
+        ref = block(x)
+    assert fuse_relu(block) == ['conv_t.relu']
+    assert block.conv_t.relu and not block.conv.relu
+    with torch.no_grad():
+        assert_same(block(x), ref)
 
 
 @needs_kernel
