@@ -58,8 +58,10 @@ class C3D(nn.Module):
         t, s = t // 2, s // 2 + 1                   # pool5 pads H and W by one
         return 512 * t * s * s
 
-    # The ReLU after each conv, which a compiled conv of the fast form applies itself (models.fusion).
+    # The ReLU after each conv, which a compiled conv of the fast form applies itself (models.fusion),
+    # and pool1 after conv1's, which it pools as it stores its outputs.
     fusable_relus = tuple((name, None) for name in CONVS)
+    fusable_pools = (('conv1', 'pool1'),)
 
     def conv_relu(self, conv, x):
         return relu_after(conv, conv(x), self.relu)

@@ -5,6 +5,9 @@ None)`, and its forward applies the ReLU through `relu_after`. `models.slim.fuse
 on a compiled conv of the list (`CompiledKGSConv3d`: the kernel applies the ReLU as it stores its
 outputs) where nothing but an `nn.Identity` (a folded BatchNorm) lies between, and `relu_after` leaves
 that output as it is: one pass over the activations fewer. Any other conv keeps the forward's ReLU.
+Likewise `fusable_pools`: `(conv attribute, pool attribute)` where the forward applies a max pool of
+kernel and stride (1, 2, 2) to the conv's output right after that ReLU (C3D's conv1 and pool1);
+`models.slim.fuse_pool` has the compiled conv pool as it stores, and sets the pool to `nn.Identity`.
 """
 
 

@@ -169,17 +169,18 @@ def _triple(v):
     return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * 3
 
 
-def pack(weight, block_rows, bias=None, stride=1, padding=0, dilation=1, relu=False):
+def pack(weight, block_rows, bias=None, stride=1, padding=0, dilation=1, relu=False, pool=False):
     """The kernel for one Conv3d: the kept columns of each block of `block_rows` filters of `weight`
     (O, I, kT, kH, kW) and their weights, packed for the tiles. Zero columns are never run. `relu`:
-    the ReLU that follows the conv is applied as the outputs are stored."""
+    the ReLU that follows the conv is applied as the outputs are stored; `pool`: and then a max pool
+    of kernel and stride (1, 2, 2), which halves H and W (rounded down)."""
     module = _load()
     if module is None:
         raise RuntimeError(f"the compiled KGS kernel is not available: {why_unavailable()}")
     weight = weight.detach().to('cpu', torch.float32)
     bias = None if bias is None else bias.detach().to('cpu', torch.float32)
     return module.KGSKernel(weight, bias, int(block_rows), _triple(stride), _triple(padding), _triple(dilation),
-                            bool(relu))
+                            bool(relu), bool(pool))
 
 
 def conv(x, kernel):

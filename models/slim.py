@@ -332,6 +332,26 @@ def fuse_relu(model):
     return fused
 
 
+def fuse_pool(model):
+    """Make, in place, a max pool of kernel and stride (1, 2, 2) (no padding, dilation or ceil mode) that
+    a module's forward applies to a CompiledKGSConv3d's output, past its ReLU (listed in the module's
+    `fusable_pools` as `(conv, pool)`, models.fusion), part of the conv: the kernel pools its outputs as
+    it stores them, a quarter of the stores and no pass of the pool (C3D's conv1 and pool1), and the pool
+    becomes nn.Identity. A ReLU after the pool equals the ReLU before it. Returns the pools fused."""
+    fused = []
+    for name, module in model.named_modules():
+        for conv_name, pool_name in getattr(module, 'fusable_pools', ()):
+            conv, pool = getattr(module, conv_name), getattr(module, pool_name)
+            if type(conv) is CompiledKGSConv3d and not conv.pool and isinstance(pool, nn.MaxPool3d) \
+                    and _triple(pool.kernel_size) == (1, 2, 2) and _triple(pool.stride) == (1, 2, 2) \
+                    and _triple(pool.padding) == (0, 0, 0) and _triple(pool.dilation) == (1, 1, 1) \
+                    and not pool.ceil_mode and not pool.return_indices:
+                conv.pool = True
+                setattr(module, pool_name, nn.Identity())
+                fused.append(f'{name}.{pool_name}' if name else pool_name)
+    return fused
+
+
 def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=None):
     """`(model, report)`: the fastest form this package has for a pruned model (eval mode, same outputs).
 
@@ -341,10 +361,11 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
     where that is faster (`sparse_exec` with block rows of `block_size[0]` filters, measured on
     `example_input` if given). Always, eval-mode BatchNorms folded into the convs before them
     (`fold_batchnorm`) and, on the CPU with the compiled kernel, max pools compiled (`compile_pools`)
-    and ReLUs fused into the compiled convs before them (`fuse_relu`). `report`: `{'slim': {layer:
+    and ReLUs fused into the compiled convs before them (`fuse_relu`), and C3D's pool1 into conv1
+    (`fuse_pool`). `report`: `{'slim': {layer:
     {'channels', 'kept'}}, 'kgs': {conv: {'path' ('compiled', 'kgs' or 'dense'), 'density',
     'estimated_speedup', 'measured_speedup', 'reason'}}, 'folded': {batchnorm: conv}, 'pools': [names],
-    'relu_fused': [names]}`, each empty when not done.
+    'relu_fused': [names], 'pools_fused': [names]}`, each empty when not done.
     """
     types = [sparsity_type] if isinstance(sparsity_type, str) else list(sparsity_type)
     report = {'slim': {}, 'kgs': {}}
@@ -357,6 +378,7 @@ def faster_model(model, arch, sparsity_type, block_size=(8, 4), example_input=No
         report['kgs'] = sparse_exec(model, block_size, example_input=example_input)
     report['pools'] = compile_pools(model)
     report['relu_fused'] = fuse_relu(model)
+    report['pools_fused'] = fuse_pool(model)
     return model, report
 
 

@@ -328,17 +328,20 @@ class CompiledKGSConv3d(KGSConv3d):
     """A KGSConv3d (same buffers, same file format) that runs on the CPU by the compiled direct KGS
     convolution of `models.kgs_cpu`; on other devices, when traced, with gradients, or where the
     kernel cannot be built, it runs as a KGSConv3d. `relu`: the ReLU after the conv is part of it
-    (`models.slim.fuse_relu`), applied as the compiled kernel stores its outputs."""
+    (`models.slim.fuse_relu`), applied as the compiled kernel stores its outputs. `pool`: so is the
+    2x2 max pool in H and W (stride 2) after that (`models.slim.fuse_pool`, C3D's pool1): the
+    output's H and W are halved."""
 
-    def __init__(self, *args, relu=False, **kwargs):
+    def __init__(self, *args, relu=False, pool=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.relu = bool(relu)
+        self.pool = bool(pool)
 
     def spec(self):
-        return {**super().spec(), 'relu': self.relu}
+        return {**super().spec(), 'relu': self.relu, **({'pool': True} if self.pool else {})}
 
     def extra_repr(self):
-        return super().extra_repr() + (', relu' if self.relu else '')
+        return super().extra_repr() + (', relu' if self.relu else '') + (', pool 2x2' if self.pool else '')
 
     def forward(self, x):
         if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.jit.is_tracing()
@@ -354,7 +357,8 @@ class CompiledKGSConv3d(KGSConv3d):
 
     def _torch_forward(self, x):
         y = super().forward(x)
-        return torch.relu(y) if self.relu else y
+        y = torch.relu(y) if self.relu else y
+        return F.max_pool3d(y, (1, 2, 2), (1, 2, 2)) if self.pool else y
 
     def _kernel(self):
         """The packed kernel of the current weights: built at the first call, again after they change."""
@@ -362,12 +366,12 @@ class CompiledKGSConv3d(KGSConv3d):
             kgs_cpu.log_unavailable_once()
             return None
         buffers = [b for b in (self.weight_packed, self.columns, self.bias) if b is not None]
-        key = tuple((b.data_ptr(), b._version) for b in buffers) + (self.relu,)
+        key = tuple((b.data_ptr(), b._version) for b in buffers) + (self.relu, self.pool)
         with self._lock:
             cached = self.__dict__.get('_compiled')
             if cached is None or cached[0] != key:
                 kernel = kgs_cpu.pack(self.dense_weight(), self.block_rows, self.bias, self.stride, self.padding,
-                                      self.dilation, self.relu)
+                                      self.dilation, self.relu, self.pool)
                 self.__dict__['_compiled'] = cached = (key, kernel)
         return cached[1]
 
@@ -539,9 +543,9 @@ def interleaved_medians(fns, reps, clock=time.perf_counter):
 def dense_exec(model):
     """Undo `sparse_exec` in place: every KGSConv3d back to an equivalent nn.Conv3d."""
     for name, m in list(model.named_modules()):
-        if getattr(m, 'relu', False) is True:
-            raise ValueError(f"dense_exec: {name} holds the ReLU after it (models.slim.fuse_relu); build the "
-                             f"dense model from the checkpoint instead")
+        if getattr(m, 'relu', False) is True or getattr(m, 'pool', False) is True:
+            raise ValueError(f"dense_exec: {name} holds the ReLU or pool after it (models.slim.fuse_relu, "
+                             f"fuse_pool); build the dense model from the checkpoint instead")
         if isinstance(m, KGSConv3d):
             conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                              bias=m.bias is not None).to(m.weight_packed.device, m.weight_packed.dtype)

@@ -122,6 +122,39 @@ def test_a_fused_relu_is_applied_once_after_the_last_chunk_of_every_block_row(th
 
 
 @needs_kernel
+@pytest.mark.parametrize('relu', [True, False], ids=['ReLU', 'no ReLU'])
+@pytest.mark.parametrize('shape', [(1, 3, 4, 12, 16), (2, 3, 3, 9, 21), (1, 8, 2, 5, 9)],
+                         ids=['whole vectors', 'odd H and W, a row end of 5', 'channel blocks, W of 9'])
+def test_the_2x2_pool_after_the_conv_is_applied_as_the_outputs_are_stored(shape, relu, threads):
+    # C3D's conv1 -> ReLU -> pool1 (1, 2, 2): an odd last row or column pools with nothing and is left out
+    def pooled_reference(x, weight, bias):
+        ref = reference(x, weight, bias, 1, 1, 1)
+        return F.max_pool3d(torch.relu(ref) if relu else ref, (1, 2, 2), (1, 2, 2))
+
+    weight = kgs_weight(20, shape[1], 3, ratio=0.3)
+    weight[8:16] = 0                                   # a block row of bias only
+    bias = torch.randn(20)
+    x = torch.randn(shape)
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, 1, 1, relu=relu, pool=True)
+    ref = pooled_reference(x, weight, bias)
+    for _ in range(2):
+        y = kgs_cpu.conv(x, kernel)
+        assert y.shape == ref.shape
+        assert_exact(y, ref)
+    assert bool((y[:, 8:16] == (bias[8:16].clamp(min=0) if relu else bias[8:16]).view(8, 1, 1, 1)).all())
+    with pytest.raises(RuntimeError, match='too small for the 2x2 pool'):
+        kgs_cpu.conv(torch.randn(1, shape[1], 2, 1, 5), kernel)
+    # NaN wins a window, as in nn.MaxPool3d (every column kept: the dense conv spreads a NaN input as the
+    # kernel does, where a pruned one multiplies it by the zeros the kernel skips)
+    weight = kgs_weight(20, shape[1], 3, ratio=0.0)
+    x[0, 0, 1, 2, 3] = float('nan')
+    kernel = kgs_cpu.pack(weight, 8, bias, 1, 1, 1, relu=relu, pool=True)
+    y, ref = kgs_cpu.conv(x, kernel), pooled_reference(x, weight, bias)
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())
+    assert_exact(y.nan_to_num(0.5), ref.nan_to_num(0.5))
+
+
+@needs_kernel
 @pytest.mark.parametrize('where', ['storage with room after it', 'storage ending with the input', 'a view'])
 def test_a_kernel_one_row_high_reads_its_input_in_place_and_fuses_the_relu_after_every_kernel_plane(where, threads):
     # 3x1x1 with T padding 1: the first and last output planes skip a kernel plane, whose chunk is
@@ -401,6 +434,47 @@ def test_a_relu_a_forward_applies_goes_into_a_compiled_conv_only_where_an_identi
     assert block.conv_t.relu and not block.conv.relu
     with torch.no_grad():
         assert_same(block(x), ref)
+
+
+@needs_kernel
+def test_c3d_s_pool1_goes_into_its_compiled_conv1_and_reloads_so(tmp_path, monkeypatch):
+    from models.slim import fuse_pool, fuse_relu
+    model, x, _ = kgs_pruned_c3d((8, 4))
+    with torch.no_grad():
+        model.conv1.weight[:, :, 0] = 0                # pruned: compiled at min_speedup 0
+        ref = model(x)
+    sparse_exec(model, (8, 4), min_speedup=0)
+    assert fuse_pool(model) == ['pool1'] and model.conv1.pool and isinstance(model.pool1, nn.Identity)
+    assert fuse_pool(model) == []
+    with torch.no_grad():
+        assert_same(model(x), ref)                     # the forward's ReLU after the pooled conv1
+        assert 'conv1.relu' in fuse_relu(model)
+        assert_same(model(x), ref)                     # the ReLU, then the pool, in the kernel
+        monkeypatch.setenv('RT3D_NO_COMPILED_KGS', '1')
+        assert_same(model(x), ref)                     # and in the torch path
+        monkeypatch.delenv('RT3D_NO_COMPILED_KGS')
+        y = model(x)
+    save_model(model, tmp_path / 'c3d.pt', 'c3d', 5, crop_size=32)
+    loaded = load_model(tmp_path / 'c3d.pt')
+    assert loaded.conv1.pool and loaded.conv1.relu and isinstance(loaded.pool1, nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    with pytest.raises(ValueError, match='pool'):
+        sparse_conv.dense_exec(model)
+
+    class Net(nn.Module):                              # a pool of another shape stays a pool
+        fusable_pools = (('conv', 'pool'),)
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = pruned_conv(8, 3, 3, padding=1), nn.MaxPool3d(2, 2)
+
+        def forward(self, x):
+            return self.pool(self.conv(x))
+
+    net = Net().eval()
+    sparse_exec(net, (8, 4), min_speedup=0)
+    assert type(net.conv) is CompiledKGSConv3d and fuse_pool(net) == [] and not net.conv.pool
 
 
 @needs_kernel

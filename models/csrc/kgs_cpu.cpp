@@ -123,6 +123,29 @@ inline void prefetch_for_write(float* p) {
 #endif
 }
 
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }   // NaN wins, as PyTorch's pools
+
+// A 2x2 max pool of two rows' vectors `a` (row h) and `b` (row h + 1) of VL outputs: n = VL / 2 or fewer
+// pooled outputs to p.
+inline void vstore_pooled(float* p, vec a, vec b, int n) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (n == VL / 2) {
+    auto max = [](__m256 x, __m256 y) {       // y where x is not NaN and y is larger or NaN, else x
+      return _mm256_blendv_ps(_mm256_max_ps(x, y), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    };
+    const __m256 rows = max(a, b);
+    const __m256 pairs = max(rows, _mm256_permute_ps(rows, 0xB1));      // lanes 2k: max of lanes 2k, 2k + 1
+    const __m256 packed = _mm256_permutevar8x32_ps(pairs, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    _mm_storeu_ps(p, _mm256_castps256_ps128(packed));
+    return;
+  }
+#endif
+  float x[VL], y[VL];
+  vstore(x, a);
+  vstore(y, b);
+  for (int k = 0; k < n; ++k) p[k] = nan_max(nan_max(x[2 * k], x[2 * k + 1]), nan_max(y[2 * k], y[2 * k + 1]));
+}
+
 // Register tiles: MR filters x NV vectors, MR*NV accumulators plus NV input vectors and one
 // broadcast within the 16 vector registers of AVX2.
 constexpr int MR_MAX = 4;
@@ -140,6 +163,7 @@ struct Tile {
   int valid[NV_MAX];     // voxels of the vector inside the row (VL but at a row's end)
   int count;
   int64_t plane;         // its output plane (in place, a tile keeps to one)
+  bool pooled;           // pairs of vectors of rows h, h + 1 pooled 2x2 as they are stored (valid: pooled outputs)
 };
 
 // A run of kept columns a tile takes in one go: their offsets and packed weights (MR per column).
@@ -202,6 +226,19 @@ void run_tile(const float* __restrict x, const Segment* segments, int nseg, cons
       for (int j = 0; j < NV; ++j) acc[m][j] = vfma(a[j], b, acc[m][j]);
     }
   }
+  }
+  if (t.pooled) {        // vectors 2i and 2i + 1: rows h and h + 1, pooled 2x2 into VL / 2 outputs at out[2i]
+    UNROLL
+    for (int m = 0; m < MR; ++m) {
+      if (m >= filters) break;
+      UNROLL
+      for (int j = 0; j + 1 < NV; j += 2) {
+        if (j + 1 >= t.count) break;
+        vstore_pooled(y + m * filter_stride + t.out[j], relu ? vrelu(acc[m][j]) : acc[m][j],
+                      relu ? vrelu(acc[m][j + 1]) : acc[m][j + 1], t.valid[j]);
+      }
+    }
+    return;
   }
   UNROLL
   for (int m = 0; m < MR; ++m) {
@@ -280,8 +317,8 @@ class KGSKernel {
   // `weight` (O, I, kT, kH, kW) float32: its block rows of `block_rows` filters keep the columns any
   // of their filters uses; zero columns are skipped, so a dense weight runs every column.
   KGSKernel(at::Tensor weight, std::optional<at::Tensor> bias, int64_t block_rows, std::vector<int64_t> stride,
-            std::vector<int64_t> padding, std::vector<int64_t> dilation, bool relu)
-      : stride_(stride), padding_(padding), dilation_(dilation), relu_(relu) {
+            std::vector<int64_t> padding, std::vector<int64_t> dilation, bool relu, bool pool)
+      : stride_(stride), padding_(padding), dilation_(dilation), relu_(relu), pool_(pool) {
     TORCH_CHECK(weight.dim() == 5 && weight.scalar_type() == at::kFloat, "KGSKernel: weight must be 5-D float32");
     TORCH_CHECK(stride.size() == 3 && padding.size() == 3 && dilation.size() == 3, "KGSKernel: 3 strides, paddings, "
                 "dilations expected");
@@ -297,7 +334,7 @@ class KGSKernel {
     // quarter of such a conv's time. Its columns go in order of (kernel plane, channel), so that a
     // chunk holds one kernel plane.
     in_place_ = kernel_[1] == 1 && kernel_[2] == 1 && padding_[1] == 0 && padding_[2] == 0 && stride_[1] == 1 &&
-                stride_[2] == 1;
+                stride_[2] == 1 && !pool_;
     cb_ = !in_place_ && in_channels_ % 4 == 0 ? 4 : 1;
     gm_ = std::max<int64_t>(1, std::min(block_rows, out_channels_));
     mr_ = static_cast<int>(std::min<int64_t>(MR_MAX, gm_));
@@ -373,7 +410,9 @@ class KGSKernel {
     }
     const int64_t n = x.size(0);
     // VL floats of slack after the output: a row's last vector is loaded whole (and stored in part).
-    const int64_t size = n * out_channels_ * plan.out[0] * plan.out[1] * plan.out[2];
+    // With the 2x2 pool (C3D's pool1 after conv1): H and W halved, rounded down, as nn.MaxPool3d does.
+    const int64_t oh = pool_ ? plan.out[1] / 2 : plan.out[1], ow = pool_ ? plan.out[2] / 2 : plan.out[2];
+    const int64_t size = n * out_channels_ * plan.out[0] * oh * ow;
     // An output of kReuseBytes or more is a fresh mmap at every allocation (glibc's largest threshold),
     // whose page faults cost C3D's conv1 (51 MB) about 16 ms a call: such a buffer is kept and used
     // again once no tensor the caller holds refers to it any more.
@@ -386,8 +425,8 @@ class KGSKernel {
     }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>(), input);
-    return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.flat ? given[3] : plan.out[1],
-                                      plan.flat ? given[4] : plan.out[2]});
+    return y.narrow(0, 0, size).view({n, out_channels_, plan.out[0], plan.flat ? given[3] : oh,
+                                      plan.flat ? given[4] : ow});
   }
 
  private:
@@ -429,6 +468,8 @@ class KGSKernel {
       p.out[d] = (size[d] + 2 * padding_[d] - dilation_[d] * (kernel_[d] - 1) - 1) / stride_[d] + 1;
       TORCH_CHECK(p.out[d] >= 1, "KGSKernel: input ", c10::IntArrayRef(shape.data(), 5), " is smaller than the kernel");
     }
+    TORCH_CHECK(!pool_ || (p.out[1] >= 2 && p.out[2] >= 2), "KGSKernel: input ", c10::IntArrayRef(shape.data(), 5),
+                " gives outputs too small for the 2x2 pool");
     p.tp = size[0] + 2 * padding_[0];
     p.hp = size[1] + 2 * padding_[1];
     p.phases = stride_[2];
@@ -497,10 +538,12 @@ class KGSKernel {
     while (target > 1 && count() < wanted) shape_for(target = (target + 1) / 2);
     p.tb = (p.out[0] + (p.out[0] + p.tb - 1) / p.tb - 1) / ((p.out[0] + p.tb - 1) / p.tb);    // even sizes
     p.hb = (p.out[1] + (p.out[1] + p.hb - 1) / p.hb - 1) / ((p.out[1] + p.hb - 1) / p.hb);
+    if (pool_) p.hb = std::max<int64_t>(2, p.hb / 2 * 2);    // items of whole row pairs
     const int64_t max_channels = std::max<int64_t>(1, int64_t(kMaxColumns / std::max(per_channel, 1e-3)));
     int64_t channels_per_chunk =
         std::clamp<int64_t>(std::min(kInputBudget / footprint(p.tb, p.hb), max_channels), min_channels, in_channels_);
     channels_per_chunk = (channels_per_chunk + cb_ - 1) / cb_ * cb_;
+    if (pool_) channels_per_chunk = in_channels_;      // pooled as stored: one chunk, no partial sums
     // In place a chunk holds one kernel plane of its channels (a third of their columns for 3x1x1):
     // the same columns a chunk holds otherwise span that many more channels. Chunk q: kernel plane
     // q / per_plane, channels from (q % per_plane) * channels_per_chunk; the key of its first column.
@@ -570,7 +613,8 @@ class KGSKernel {
     const float* x = in_place_ ? input : p.padded.data_ptr<float>();
     const int64_t planes_in = p.block / p.plane;     // in place: output plane t reads input plane
                                                      // t * stride + kt * dilation - padding, if it exists
-    const int64_t hw = p.out[1] * p.out[2], volume = p.out[0] * hw;
+    const int64_t hw = p.out[1] * p.out[2], oh = p.out[1] / 2, ow = p.out[2] / 2;   // oh, ow: pooled
+    const int64_t volume = pool_ ? p.out[0] * oh * ow : p.out[0] * hw;      // of one filter's output
     const int64_t row_b = p.row_b, plane = p.plane;
     const int64_t sample_in = (in_channels_ / cb_) * p.block, sample_out = out_channels_ * volume;
     const int64_t vectors = (p.out[2] + VL - 1) / VL;
@@ -597,7 +641,26 @@ class KGSKernel {
             t = Tile{};
           }
           t.plane = tt;
-          for (int64_t hh = item.h0; hh < std::min(p.out[1], item.h0 + p.hb); ++hh) {
+          // Pooled: a tile is the vector at one place of rows h and h + 1, pooled as it is stored (an odd
+          // last row, or a row's last column, pools with nothing: left out, as nn.MaxPool3d does).
+          for (int64_t hh = item.h0; pool_ && hh + 1 < std::min(p.out[1], item.h0 + p.hb); hh += 2) {
+            const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row_b;
+            const int64_t out = item.n * sample_out + (tt * oh + hh / 2) * ow;
+            for (int64_t v = 0; v < vectors; ++v) {
+              const int pooled = static_cast<int>(std::min<int64_t>(VL, p.out[2] - v * VL) / 2);
+              if (pooled == 0) continue;
+              Tile pair{};
+              pair.pooled = true;
+              pair.plane = tt;
+              pair.count = 2;
+              pair.in[0] = in + v * VL;
+              pair.in[1] = in + stride_[1] * row_b + v * VL;
+              pair.out[0] = pair.out[1] = out + v * (VL / 2);
+              pair.valid[0] = pair.valid[1] = pooled;
+              tiles.push_back(pair);
+            }
+          }
+          for (int64_t hh = item.h0; !pool_ && hh < std::min(p.out[1], item.h0 + p.hb); ++hh) {
             const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row_b;
             const int64_t out = item.n * sample_out + tt * hw + hh * p.out[2];
             for (int64_t v = 0; v < vectors; ++v) {
@@ -701,6 +764,7 @@ class KGSKernel {
   bool in_place_ = false;        // reads the input where it lies (kernels of 1 x 1 in H and W, see above)
   int mr_ = 1;
   bool relu_ = false;            // the ReLU after the conv, applied as the outputs are stored
+  bool pool_ = false;            // and then a 2x2 max pool in H and W (stride 2): a quarter of the outputs stored
   std::vector<int64_t> columns_, row_start_;
   std::vector<float> weights_, bias_;
   std::map<std::vector<int64_t>, Plan> plans_;
@@ -715,8 +779,6 @@ class KGSKernel {
 // then the windows along W, one kernel column at a time. A 3x3x3 pool at stride 1 (S3D's inception
 // branches) takes 3 + 3 + 3 maxima per output this way, not 27, and none of them scalar. NaN wins, as in
 // PyTorch. Padding only ever widens windows that hold at least one input element.
-inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
-
 inline void max_into(float* __restrict to, const float* __restrict from, int64_t n) {
   for (int64_t j = 0; j < n; ++j) to[j] = nan_max(to[j], from[j]);
 }
@@ -878,9 +940,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::call_guard<py::gil_scoped_release>());
   py::class_<KGSKernel>(m, "KGSKernel")
       .def(py::init<at::Tensor, std::optional<at::Tensor>, int64_t, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<int64_t>, bool>(),
+                    std::vector<int64_t>, bool, bool>(),
            py::arg("weight"), py::arg("bias"), py::arg("block_rows"), py::arg("stride"), py::arg("padding"),
-           py::arg("dilation"), py::arg("relu") = false)
+           py::arg("dilation"), py::arg("relu") = false, py::arg("pool") = false)
       .def("forward", &KGSKernel::forward, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("kept_columns", &KGSKernel::kept_columns)
       .def_property_readonly("kept_weights", &KGSKernel::kept_weights);
