@@ -583,8 +583,15 @@ for o, i, k, s, p, shape in [(13, 6, 3, 1, 1, (2, 6, 3, 9, 7)),
     ref = F.conv3d(x.double(), w.double(), b.double(), s, p)
     y = kgs_cpu.conv(x, kgs_cpu.pack(w, 8, b, s, p))
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (o, i, k)
+w = admm.project(torch.randn(8, 3, 3, 3, 3), 0.3, 'blk-kgs', (8, 4))
+x, b = torch.randn(1, 3, 2, 7, 9), torch.randn(8)
+ref = F.max_pool3d(torch.relu(F.conv3d(x.double(), w.double(), b.double(), 1, 1)), (1, 2, 2), (1, 2, 2))
+y = kgs_cpu.conv(x, kgs_cpu.pack(w, 8, b, 1, 1, relu=True, pool=True))        # conv1 -> ReLU -> pool1
+assert y.shape == ref.shape and (y - ref).abs().max() <= 1e-5 * ref.abs().max()
 x = torch.randn(1, 3, 4, 9, 10)
 assert torch.equal(kgs_cpu.max_pool3d(x, 2, 2, (0, 1, 1)), F.max_pool3d(x, 2, 2, (0, 1, 1)))
+for args in [(3, 1, 1), ((1, 3, 3), (1, 2, 2), (0, 1, 1))]:
+    assert torch.equal(kgs_cpu.max_pool3d(x, *args), F.max_pool3d(x, *args))
 print('portable ok')
 """
 
