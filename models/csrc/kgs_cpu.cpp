@@ -23,6 +23,9 @@
 // sums stay in the output (in L2 too) between chunks. Threads take work items from a shared
 // counter in order of output rows, so that they read the same input, from L3 at worst.
 //
+// The ReLU after the conv, and for C3D's conv1 the 2x2 max pool after that, are applied as the tiles
+// store their sums (models/slim.py: fuse_relu, fuse_pool).
+//
 // The instruction set is chosen when this file is compiled (models/kgs_cpu.py passes -mavx2 -mfma
 // or -mavx512f from the CPU's flags at run time); without either, portable C++ that the compiler
 // vectorises as it can.
