@@ -245,8 +245,9 @@ def test_the_kernel_runs_exactly_the_kept_columns_of_each_block_row():
 
 
 @needs_kernel
-def test_a_large_output_buffer_is_used_again_only_once_the_caller_has_let_it_go():
-    weight, x = torch.randn(8, 1, 1, 1, 1), torch.randn(1, 1, 1, 1024, 1024)     # a 32 MiB output
+@pytest.mark.parametrize('side', [64, 1024])               # 128 KiB and 32 MiB outputs: every size is kept
+def test_the_output_buffer_is_used_again_only_once_the_caller_has_let_it_go(side):
+    weight, x = torch.randn(8, 1, 1, 1, 1), torch.randn(1, 1, 1, side, side)
     kernel = kgs_cpu.pack(weight, 8)
     first = kgs_cpu.conv(x, kernel)
     kept = first.clone()
@@ -255,7 +256,7 @@ def test_a_large_output_buffer_is_used_again_only_once_the_caller_has_let_it_go(
     assert_exact(second, reference(x * 2, weight, None, 1, 0, 1))
     address = second.data_ptr()
     del second
-    other = torch.empty(8 * 1024 * 1024 + 64)            # a freed buffer's addresses would go to this one
+    other = torch.empty(8 * side * side + 64)            # a freed buffer's addresses would go to this one
     third = kgs_cpu.conv(x * 3, kernel)                  # let go: its buffer again (kept), with the new result
     assert third.data_ptr() == address and other.data_ptr() != address and torch.equal(first, kept)
     assert_exact(third, reference(x * 3, weight, None, 1, 0, 1))

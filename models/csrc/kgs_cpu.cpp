@@ -287,7 +287,6 @@ constexpr double kMinColumns = 48;       // kept columns per block row and chunk
 constexpr double kMaxColumns = 192;      // and at most: their weights and offsets (40 B a column) stay in
                                          // L1 while every tile of the item runs over them (C3D's conv5
                                          // has 5 tiles per item, and a block row 2800 kept columns)
-constexpr int64_t kReuseBytes = 32 << 20;   // outputs this large are kept for the next call (forward)
 constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at least (or the plane):
                                          // shorter runs of input defeat the hardware prefetchers
 
@@ -416,15 +415,16 @@ class KGSKernel {
     // With the 2x2 pool (C3D's pool1 after conv1): H and W halved, rounded down, as nn.MaxPool3d does.
     const int64_t oh = pool_ ? plan.out[1] / 2 : plan.out[1], ow = pool_ ? plan.out[2] / 2 : plan.out[2];
     const int64_t size = n * out_channels_ * plan.out[0] * oh * ow;
-    // An output of kReuseBytes or more is a fresh mmap at every allocation (glibc's largest threshold),
-    // whose page faults cost C3D's conv1 (51 MB) about 16 ms a call: such a buffer is kept and used
-    // again once no tensor the caller holds refers to it any more.
+    // The output buffer is kept and used again once no tensor the caller holds refers to it any more.
+    // A fresh one of a few MB or more comes from mmap whenever the allocator has given back the last
+    // one, and its page faults cost as much as a third of the conv (R(2+1)D's layer1 convs, 29 MB: 7056
+    // faults, 22 ms a call instead of 14.6; C3D's conv1, 51 MB: 16 ms); whether it does depends on
+    // what else the process allocated in between.
     at::Tensor y;
     if (last_.defined() && last_.numel() == size + VL && last_.storage().use_count() == 1) {
       y = last_;
     } else {
-      y = at::empty({size + VL}, x.options());
-      last_ = (size + VL) * 4 >= kReuseBytes ? y : at::Tensor();
+      y = last_ = at::empty({size + VL}, x.options());
     }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>(), input);
@@ -771,7 +771,7 @@ class KGSKernel {
   std::vector<int64_t> columns_, row_start_;
   std::vector<float> weights_, bias_;
   std::map<std::vector<int64_t>, Plan> plans_;
-  at::Tensor last_;              // the last large output, used again once the caller has let it go
+  at::Tensor last_;              // the last output, used again once the caller has let it go
   std::mutex lock_;
 };
 
