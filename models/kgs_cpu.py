@@ -156,6 +156,25 @@ def highest_fma_peak(threads=None, readings=(), clock='wall'):
     return _highest[key]
 
 
+def keep_outputs_up_to(nbytes):
+    """Keep at most `nbytes` of output buffers between calls, all compiled convs of the process together
+    (default 1 GiB); returns the previous bound. Each compiled conv keeps its last output and writes the
+    next one into it once the caller holds no tensor on it (a fresh buffer of a few MB costs page
+    faults, up to a third of a call); past the bound, further outputs go with the caller."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"keep_outputs_up_to needs the compiled kernel: {why_unavailable()}")
+    return module.keep_outputs_up_to(int(nbytes))
+
+
+def kept_output_bytes():
+    """Bytes of output buffers the compiled convs of this process keep now (see `keep_outputs_up_to`)."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"kept_output_bytes needs the compiled kernel: {why_unavailable()}")
+    return module.kept_output_bytes()
+
+
 def parallel_threads():
     """Threads the kernel's parallel loops really run on (torch.get_num_threads() where it is built
     with OpenMP, 1 where not)."""

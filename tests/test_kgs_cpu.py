@@ -2,6 +2,7 @@
 layer shape the models use and odd ones, on 1 and 2 threads; CompiledKGSConv3d in whole models; and
 the fallback to the torch path, with the reason logged, when the kernel is disabled or cannot be built."""
 import copy
+import gc
 import logging
 import shutil
 
@@ -260,6 +261,36 @@ def test_the_output_buffer_is_used_again_only_once_the_caller_has_let_it_go(side
     third = kgs_cpu.conv(x * 3, kernel)                  # let go: its buffer again (kept), with the new result
     assert third.data_ptr() == address and other.data_ptr() != address and torch.equal(first, kept)
     assert_exact(third, reference(x * 3, weight, None, 1, 0, 1))
+
+
+@needs_kernel
+def test_kept_outputs_stay_within_the_bound_of_all_kernels_together():
+    weight, x = torch.randn(8, 1, 1, 1, 1), torch.randn(1, 1, 1, 64, 64)
+    size = 4 * (8 * 64 * 64 + kgs_cpu._load().lanes)            # bytes of one output buffer, slack included
+    gc.collect()                                  # no other test's kernel let go (and counted off) midway
+    gc.disable()
+    previous = kgs_cpu.keep_outputs_up_to(kgs_cpu.kept_output_bytes() + size + size // 2)   # room for one
+    try:
+        before = kgs_cpu.kept_output_bytes()
+        a, b = kgs_cpu.pack(weight, 8), kgs_cpu.pack(weight, 8)
+        address = kgs_cpu.conv(x, a).data_ptr()           # let go at once
+        assert kgs_cpu.kept_output_bytes() == before + size
+        assert_exact(kgs_cpu.conv(x * 2, b), reference(x * 2, weight, None, 1, 0, 1))
+        assert kgs_cpu.kept_output_bytes() == before + size          # b's would pass the bound: not kept
+        out = kgs_cpu.conv(x * 3, a)
+        assert out.data_ptr() == address                  # a's kept buffer again
+        assert_exact(out, reference(x * 3, weight, None, 1, 0, 1))
+        del out, a                                        # a's kept buffer is counted off
+        assert kgs_cpu.kept_output_bytes() == before
+        kgs_cpu.conv(x, b)
+        assert kgs_cpu.kept_output_bytes() == before + size
+        del b
+        assert kgs_cpu.kept_output_bytes() == before
+    finally:
+        kgs_cpu.keep_outputs_up_to(previous)
+        gc.enable()
+    with pytest.raises(RuntimeError, match="bytes >= 0"):
+        kgs_cpu.keep_outputs_up_to(-1)
 
 
 @needs_kernel

@@ -292,6 +292,17 @@ constexpr int64_t kMinRows = 16;         // rows per output plane of an item, at
 
 // --------------------------------------------------------------------------------- the kernel
 
+// Output buffers the kernels keep between calls (KGSKernel::forward), in bytes, all kernels of the process
+// together, and at most how many: past it a kernel lets its output go with the caller (at batch 32 a pass
+// of R(2+1)D writes about 8 GiB of outputs).
+std::atomic<int64_t> g_kept_bytes{0};
+std::atomic<int64_t> g_keep_budget{int64_t{1} << 30};
+
+int64_t keep_outputs_up_to(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "keep_outputs_up_to: a number of bytes >= 0 expected, got ", bytes);
+  return g_keep_budget.exchange(bytes);
+}
+
 // A work item: a block of output rows (output planes t0.. and rows h0.. of sample n) for a group of
 // block rows starting at r0.
 struct Item {
@@ -375,6 +386,8 @@ class KGSKernel {
     }
   }
 
+  ~KGSKernel() { let_last_go(); }
+
   int64_t kept_columns() const { return static_cast<int64_t>(columns_.size()); }
 
   // MACs the kernel is asked for per output voxel: kept weights (the tiles' padding excluded).
@@ -419,12 +432,21 @@ class KGSKernel {
     // A fresh one of a few MB or more comes from mmap whenever the allocator has given back the last
     // one, and its page faults cost as much as a third of the conv (R(2+1)D's layer1 convs, 29 MB: 7056
     // faults, 22 ms a call instead of 14.6; C3D's conv1, 51 MB: 16 ms); whether it does depends on
-    // what else the process allocated in between.
+    // what else the process allocated in between. Kept only while all kernels' kept outputs stay within
+    // g_keep_budget.
     at::Tensor y;
     if (last_.defined() && last_.numel() == size + VL && last_.storage().use_count() == 1) {
       y = last_;
     } else {
-      y = last_ = at::empty({size + VL}, x.options());
+      y = at::empty({size + VL}, x.options());
+      let_last_go();
+      const int64_t bytes = (size + VL) * static_cast<int64_t>(sizeof(float));
+      if (g_kept_bytes.fetch_add(bytes) + bytes <= g_keep_budget.load()) {
+        last_ = y;
+        last_bytes_ = bytes;
+      } else {
+        g_kept_bytes -= bytes;
+      }
     }
     y.narrow(0, size, VL).zero_();
     compute(plan, y.data_ptr<float>(), input);
@@ -433,6 +455,12 @@ class KGSKernel {
   }
 
  private:
+  void let_last_go() {
+    g_kept_bytes -= last_bytes_;
+    last_ = at::Tensor();
+    last_bytes_ = 0;
+  }
+
   // A kernel read in place (1 x 1 in H and W, no padding and unit strides there: R(2+1)D's and S3D's
   // temporal 3x1x1 convs, S3D's 1x1x1) computes the same on any split of an input plane into rows: this is
   // the row length that wastes the fewest vector lanes (14x14 planes: one row of 196, 25 vectors
@@ -772,6 +800,7 @@ class KGSKernel {
   std::vector<float> weights_, bias_;
   std::map<std::vector<int64_t>, Plan> plans_;
   at::Tensor last_;              // the last output, used again once the caller has let it go
+  int64_t last_bytes_ = 0;       // its bytes, counted in g_kept_bytes
   std::mutex lock_;
 };
 
@@ -937,6 +966,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("fma_loop_macs") = kPeakIterations * 12 * VL;    // one thread's MACs in one run of the peak loop
   m.def("fma_peak_gmacs", &fma_peak_gmacs, "measured FMA throughput, GMAC/s", py::arg("threads"),
         py::arg("repeats") = 3);
+  m.def("kept_output_bytes", [] { return g_kept_bytes.load(); }, "bytes of output buffers the kernels keep now");
+  m.def("keep_outputs_up_to", &keep_outputs_up_to, "at most this many bytes of output buffers kept between "
+        "calls, all kernels together; returns the previous bound", py::arg("bytes"));
   m.def("parallel_threads", &parallel_threads, "threads the kernel's parallel loops run on",
         py::call_guard<py::gil_scoped_release>());
   m.def("max_pool3d", &max_pool3d, "max pooling without indices", py::arg("x"), py::arg("kernel"),
