@@ -112,3 +112,14 @@ def test_the_highest_peak_is_kept_per_thread_count_and_clock(monkeypatch):
     monkeypatch.setattr(bench_kgs_layers.kgs_cpu, 'fma_peak_gmacs', lambda t, cached=True: 30.0)
     times, peak = bench_kgs_layers.timed_rounds([lambda: None], 1, 2)
     assert peak == 120.0 and len(times) == 1
+
+
+def test_the_share_of_kept_macs_on_t_padding_is_counted_by_output_plane():
+    weight = torch.zeros(2, 1, 3, 1, 1)
+    weight[0, 0, 0] = weight[1, 0, 0] = weight[0, 0, 1] = 1.0     # 2 weights on kernel plane 0, 1 on plane 1
+    # 2 frames, padding 1: 2 output planes; plane 0 of the kernel reads the padding at output plane 0 only
+    assert bench_kgs_layers.t_padding_share(weight, 2, (1, 1, 1), (1, 1, 1), (1, 1, 1)) == 2 * 1 / (3 * 2)
+    # 4 frames, stride 2: output planes 0 and 1 read frames -1, 0, 1 and 1, 2, 3
+    ones = torch.ones(1, 1, 3, 1, 1)
+    assert bench_kgs_layers.t_padding_share(ones, 4, (2, 1, 1), (1, 0, 0), (1, 1, 1)) == 1 / 6
+    assert bench_kgs_layers.t_padding_share(ones, 4, (1, 1, 1), (0, 0, 0), (1, 1, 1)) == 0

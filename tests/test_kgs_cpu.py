@@ -91,6 +91,11 @@ SHAPES = {
     'temporal 3x1x1, T padding 2 and dilation 2, whole vectors': (16, 64, (3, 1, 1), 1, (2, 0, 0), (2, 1, 1),
                                                                  (2, 64, 5, 4, 8)),
     'temporal 5x1x1, T stride 3, padding 1': (9, 20, (5, 1, 1), (3, 1, 1), (1, 0, 0), 1, (1, 20, 11, 3, 3)),
+    # kernel planes that read only the T padding are left out at the first and last output planes, by
+    # channel range, and kept where a tile's vectors span two output planes (rows of 7: one vector each)
+    'several channel ranges, 2 output planes (c3d conv5)': (16, 64, 3, 1, 1, 1, (1, 64, 2, 7, 7)),
+    'several channel ranges, T stride 2, padding 2, dilation 2': (16, 96, 3, (2, 1, 1), (2, 1, 1), (2, 1, 1),
+                                                                  (1, 96, 5, 5, 7)),
 }
 
 

@@ -8,10 +8,12 @@
 // same input vectors serve every filter of the block row (the second group of MR filters finds
 // them in L1). Nothing is gathered: the padded copy of the input and the output are all it writes.
 //
-// The padded input interleaves the rows of blocks of 4 input channels, (N, C/4, T, H, 4, W), and the
-// kept columns are taken in order of (channel block, kernel offset, channel): KGS keeps a kernel
-// offset for a group of channels at once, so its columns read adjacent rows (fewer lines and pages
-// per tile than a channel's whole volume apart: about a tenth faster on C3D's layers).
+// The padded input interleaves the rows of blocks of 4 input channels, (N, C/4, T, H, 4, W). The kept
+// columns of a chunk of channels are taken in order of (kernel plane, channel block, kernel offset in
+// the plane, channel): KGS keeps a kernel offset for a group of channels at once, so its columns read
+// adjacent rows (fewer lines and pages per tile than a channel's whole volume apart: about a tenth
+// faster on C3D's layers), and a tile leaves out the kernel planes that read only the T padding at
+// its output planes (C3D's conv5 has 2 output planes: a third of its multiply-adds read padding).
 // Each row is stored in `phases` = W-stride interleaved copies (padded column w lands in
 // phase w % s at w / s), so the VL consecutive outputs of a vector always read VL consecutive
 // floats, whatever the stride or dilation. A vector never crosses an output row; a row narrower
@@ -165,23 +167,16 @@ struct Tile {
   int64_t out[NV_MAX];   // offset of its first voxel in one filter's output (batch included)
   int valid[NV_MAX];     // voxels of the vector inside the row (VL but at a row's end)
   int count;
-  int64_t plane;         // its output plane (in place, a tile keeps to one)
+  int64_t plane, plane_end;   // its first and last output plane (in place, a tile keeps to one)
   bool pooled;           // pairs of vectors of rows h, h + 1 pooled 2x2 as they are stored (valid: pooled outputs)
 };
 
-// A run of kept columns a tile takes in one go: their offsets and packed weights (MR per column).
-struct Segment {
-  const int64_t* offsets;
-  const float* weights;
-  int64_t count;
-};
-
-// The tile's sums over the columns of `segments` (one, or in place the kernel planes of a channel
-// range: the sums stay in registers from one to the next), stored once. With one segment (MANY false)
-// the loop over them is left out: around the column loop it cost C3D's convs 1-4%.
-template <int MR, int NV, bool MANY>
-void run_tile(const float* __restrict x, const Segment* segments, int nseg, const Tile& t, float* __restrict y,
-              int64_t filter_stride, int filters, bool first, const float* bias, const Tile* next, bool relu) {
+// The tile's sums over a run of `ncols` kept columns (their byte offsets into the padded input, and
+// their weights packed MR per column), from the bias or the sums stored so far, stored once.
+template <int MR, int NV>
+void run_tile(const float* __restrict x, const int64_t* __restrict offsets, const float* __restrict w,
+              int64_t ncols, const Tile& t, float* __restrict y, int64_t filter_stride, int filters, bool first,
+              const float* bias, const Tile* next, bool relu) {
   vec acc[MR][NV];
   UNROLL
   for (int m = 0; m < MR; ++m) {
@@ -207,10 +202,6 @@ void run_tile(const float* __restrict x, const Segment* segments, int nseg, cons
   for (int j = 0; j < NV; ++j) xs[j] = reinterpret_cast<const char*>(x + t.in[j]);
   // Byte offsets and two columns per iteration: the loop's integer work (address arithmetic, counter)
   // shares the front end with the FMAs; this way it measured 1.05-1.12x faster on C3D's layers.
-  for (int q = 0; q < (MANY ? nseg : std::min(nseg, 1)); ++q) {
-  const int64_t* __restrict offsets = segments[q].offsets;
-  const float* __restrict w = segments[q].weights;
-  const int64_t ncols = segments[q].count;
   _Pragma("GCC unroll 2")
   for (int64_t u = 0; u < ncols; ++u) {
     const int64_t o = offsets[u];
@@ -228,7 +219,6 @@ void run_tile(const float* __restrict x, const Segment* segments, int nseg, cons
       UNROLL
       for (int j = 0; j < NV; ++j) acc[m][j] = vfma(a[j], b, acc[m][j]);
     }
-  }
   }
   if (t.pooled) {        // vectors 2i and 2i + 1: rows h and h + 1, pooled 2x2 into VL / 2 outputs at out[2i]
     UNROLL
@@ -255,25 +245,19 @@ void run_tile(const float* __restrict x, const Segment* segments, int nseg, cons
   }
 }
 
-using TileFn = void (*)(const float*, const Segment*, int, const Tile&, float*, int64_t, int, bool, const float*,
-                        const Tile*, bool);
+using TileFn = void (*)(const float*, const int64_t*, const float*, int64_t, const Tile&, float*, int64_t, int, bool,
+                        const float*, const Tile*, bool);
 
-template <int MR, bool MANY, int... NV>
+template <int MR, int... NV>
 constexpr std::array<TileFn, NV_MAX + 1> tile_table(std::integer_sequence<int, NV...>) {
-  return {nullptr, (NV + 1 <= nv_for(MR) ? &run_tile<MR, (NV + 1 <= nv_for(MR) ? NV + 1 : 1), MANY> : nullptr)...};
+  return {nullptr, (NV + 1 <= nv_for(MR) ? &run_tile<MR, (NV + 1 <= nv_for(MR) ? NV + 1 : 1)> : nullptr)...};
 }
 
-template <bool MANY>
-constexpr std::array<std::array<TileFn, NV_MAX + 1>, MR_MAX + 1> tile_tables() {
-  return {std::array<TileFn, NV_MAX + 1>{},
-          tile_table<1, MANY>(std::make_integer_sequence<int, NV_MAX>{}),
-          tile_table<2, MANY>(std::make_integer_sequence<int, NV_MAX>{}),
-          tile_table<3, MANY>(std::make_integer_sequence<int, NV_MAX>{}),
-          tile_table<4, MANY>(std::make_integer_sequence<int, NV_MAX>{})};
-}
-
-// [segments > 1][MR][NV]
-const std::array<std::array<TileFn, NV_MAX + 1>, MR_MAX + 1> kTiles[2] = {tile_tables<false>(), tile_tables<true>()};
+// [MR][NV]
+const std::array<std::array<TileFn, NV_MAX + 1>, MR_MAX + 1> kTiles = {
+    std::array<TileFn, NV_MAX + 1>{}, tile_table<1>(std::make_integer_sequence<int, NV_MAX>{}),
+    tile_table<2>(std::make_integer_sequence<int, NV_MAX>{}), tile_table<3>(std::make_integer_sequence<int, NV_MAX>{}),
+    tile_table<4>(std::make_integer_sequence<int, NV_MAX>{})};
 
 // Cache blocking, in bytes per core (L2: 512 KiB on AMD Zen 3, 1-2 MiB on recent Intel): a work
 // item's output block (its block rows' filters over its output rows) and the input rows one chunk
@@ -321,7 +305,9 @@ struct Plan {
                                 // in place: a flat copy of an input whose storage ends with it, or none
   std::vector<char> need_t, need_h;   // padded planes and rows some output reads (strides skip some)
   std::vector<int64_t> offsets;       // per packed column: its offset into the padded input, in bytes
-  std::vector<int64_t> chunk_start;   // [block row][chunk]: its first column in that chunk (chunks + 1 each)
+  std::vector<int64_t> chunk_start;   // [block row][range][kernel plane]: its first column there (chunks + 1 each)
+  std::vector<float> weights;         // the kernel's weights in the plan's column order, where that differs
+  std::vector<int64_t> first_range, last_range;   // [block row]: its first and last channel range with columns
   std::vector<Item> items;            // in order of output blocks
 };
 
@@ -478,13 +464,15 @@ class KGSKernel {
     return best == w ? 0 : best;
   }
 
-  // Columns are kept in order of (block of cb_ channels, kernel offset, channel in the block): the
-  // padded input interleaves the rows of a block's channels, so a kernel offset's cb_ columns read
-  // cb_ adjacent rows. key -> c * k + kernel offset.
+  // Columns are kept in order of (kernel plane, block of cb_ channels, kernel offset within the plane,
+  // channel in the block): the padded input interleaves the rows of a block's channels, so a kernel
+  // offset's cb_ columns read cb_ adjacent rows, and the columns of one kernel plane are a run that a
+  // tile leaves out where that plane reads the padding (the first and last output planes). In place
+  // (cb_ 1, one offset per plane): (kernel plane, channel). key -> c * k + kernel offset.
   int64_t column_of(int64_t key, int64_t k) const {
-    if (in_place_) return key % in_channels_ * k + key / in_channels_;    // key -> kernel plane, channel
-    const int64_t block = key / (k * cb_), rest = key % (k * cb_);
-    return (block * cb_ + rest % cb_) * k + rest / cb_;
+    const int64_t khw = kernel_[1] * kernel_[2], kt = key / (in_channels_ * khw), rest = key % (in_channels_ * khw);
+    const int64_t block = rest / (khw * cb_), within = rest % (khw * cb_);
+    return (block * cb_ + within % cb_) * k + kt * khw + within / cb_;
   }
 
   Plan& plan_for(const std::vector<int64_t>& shape) {
@@ -517,15 +505,14 @@ class KGSKernel {
     // Slack past the end: the lanes of a row's last vector beyond the row read (and discard) it.
     if (!in_place_) p.padded = at::zeros({n * (in_channels_ / cb_) * block + 2 * VL + p.wq}, at::kFloat);
     const int64_t k = kernel_[0] * kernel_[1] * kernel_[2];
-    p.offsets.resize(columns_.size());
-    for (size_t u = 0; u < columns_.size(); ++u) {
+    auto offset_of = [&](int64_t u) {     // of kept column u (in key order) into the padded input, in bytes
       const int64_t col = column_of(columns_[u], k), c = col / k, kk = col % k;
       const int64_t kt = kk / (kernel_[1] * kernel_[2]), kh = kk / kernel_[2] % kernel_[1], kw = kk % kernel_[2];
       const int64_t w = kw * dilation_[2];
-      p.offsets[u] = sizeof(float) * ((c / cb_) * block + (c % cb_) * row + kt * dilation_[0] * plane +
-                                      kh * dilation_[1] * row_b + (w % p.phases) * p.wq + w / p.phases -
-                                      (in_place_ ? padding_[0] * plane : 0));
-    }
+      return static_cast<int64_t>(sizeof(float)) *
+             ((c / cb_) * block + (c % cb_) * row + kt * dilation_[0] * plane + kh * dilation_[1] * row_b +
+              (w % p.phases) * p.wq + w / p.phases - (in_place_ ? padding_[0] * plane : 0));
+    };
     // Work items: a block of output planes x rows (tb x hb) times a group of block rows. A chunk of
     // input channels should give each block row about kMinColumns kept columns (fewer, and loading
     // and storing the tiles' sums costs as much as the FMAs: R(2+1)D's 3x1x1 convs keep about one
@@ -575,22 +562,57 @@ class KGSKernel {
         std::clamp<int64_t>(std::min(kInputBudget / footprint(p.tb, p.hb), max_channels), min_channels, in_channels_);
     channels_per_chunk = (channels_per_chunk + cb_ - 1) / cb_ * cb_;
     if (pool_) channels_per_chunk = in_channels_;      // pooled as stored: one chunk, no partial sums
-    // In place a chunk holds one kernel plane of its channels (a third of their columns for 3x1x1):
-    // the same columns a chunk holds otherwise span that many more channels. Chunk q: kernel plane
+    // A chunk holds one kernel plane of a range of channels; a tile takes the chunks of every kernel plane
+    // of a range in one call. In place a range's columns are about one per channel and kernel plane (R(2+1)D's
+    // 3x1x1 convs): its channels are that many more than the budgets above give. Chunk q: kernel plane
     // q / per_plane, channels from (q % per_plane) * channels_per_chunk; the key of its first column.
     if (in_place_) channels_per_chunk = std::min(in_channels_, channels_per_chunk * kernel_[0]);
     const int64_t per_plane = (in_channels_ + channels_per_chunk - 1) / channels_per_chunk;
-    p.chunks = in_place_ ? per_plane * kernel_[0] : per_plane;
+    const int64_t khw = kernel_[1] * kernel_[2];
+    p.chunks = per_plane * kernel_[0];
     auto chunk_key = [&](int64_t q) {
-      if (!in_place_) return std::min(q * channels_per_chunk, in_channels_) * k;   // sorted by channel block first
-      return q / per_plane * in_channels_ + std::min(q % per_plane * channels_per_chunk, in_channels_);
+      return (q / per_plane * in_channels_ + std::min(q % per_plane * channels_per_chunk, in_channels_)) * khw;
     };
+    // Chunks in key order (kernel plane, then channels), per block row; then the columns go in order of
+    // (range, kernel plane): a range's kernel planes follow each other, and a tile takes those its output
+    // planes read as one run. Only where there are several kernel planes and ranges does that move any
+    // column; then the plan keeps the offsets and weights in its own order (kept_ maps it to key order).
+    std::vector<int64_t> key_start(p.chunks + 1), order;
+    const bool reorder = kernel_[0] > 1 && per_plane > 1;
     p.chunk_start.resize(rows * (p.chunks + 1));
+    p.first_range.assign(rows, per_plane);
+    p.last_range.assign(rows, -1);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t* first = columns_.data() + row_start_[r];
       const int64_t* last = columns_.data() + row_start_[r + 1];
       for (int64_t c = 0; c <= p.chunks; ++c)
-        p.chunk_start[r * (p.chunks + 1) + c] = std::lower_bound(first, last, chunk_key(c)) - columns_.data();
+        key_start[c] = std::lower_bound(first, last, chunk_key(c)) - columns_.data();
+      int64_t* starts = p.chunk_start.data() + r * (p.chunks + 1);     // [range][kernel plane], in plan order
+      int64_t u = row_start_[r];
+      for (int64_t q = 0; q < per_plane; ++q) {
+        for (int64_t kt = 0; kt < kernel_[0]; ++kt) {
+          const int64_t c = kt * per_plane + q;
+          starts[q * kernel_[0] + kt] = u;
+          u += key_start[c + 1] - key_start[c];
+          for (int64_t v = key_start[c]; reorder && v < key_start[c + 1]; ++v) order.push_back(v);
+          if (key_start[c + 1] == key_start[c]) continue;
+          p.first_range[r] = std::min(p.first_range[r], q);
+          p.last_range[r] = std::max(p.last_range[r], q);
+        }
+      }
+      starts[p.chunks] = u;
+    }
+    p.offsets.resize(columns_.size());
+    for (size_t u = 0; u < columns_.size(); ++u) p.offsets[u] = offset_of(reorder ? order[u] : u);
+    if (reorder) {      // the weights in the plan's order: block row r's group g, column u at (u0 * groups + g * width + u - u0) * mr
+      p.weights.resize(weights_.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
+        for (int64_t g = 0; g < groups_; ++g)
+          for (int64_t u = u0; u < u0 + width; ++u)
+            std::copy_n(weights_.data() + (u0 * groups_ + g * width + order[u] - u0) * mr_, mr_,
+                        p.weights.data() + (u0 * groups_ + g * width + u - u0) * mr_);
+      }
     }
     // Items in order of output blocks: the threads work through the same input (in L3); block row
     // after block row, the whole input would stream from memory once per block row.
@@ -642,23 +664,23 @@ class KGSKernel {
 
   void compute(const Plan& p, float* y, const float* input) const {
     const float* x = in_place_ ? input : p.padded.data_ptr<float>();
-    const int64_t planes_in = p.block / p.plane;     // in place: output plane t reads input plane
-                                                     // t * stride + kt * dilation - padding, if it exists
+    // Output plane t reads input plane t * stride + kt * dilation - padding with kernel plane kt, if it exists
+    // (otherwise the padding: the tiles of such planes leave that kernel plane's columns out).
+    const int64_t planes_in = p.block / p.plane - (in_place_ ? 0 : 2 * padding_[0]);
     const int64_t hw = p.out[1] * p.out[2], oh = p.out[1] / 2, ow = p.out[2] / 2;   // oh, ow: pooled
     const int64_t volume = pool_ ? p.out[0] * oh * ow : p.out[0] * hw;      // of one filter's output
     const int64_t row_b = p.row_b, plane = p.plane;
     const int64_t sample_in = (in_channels_ / cb_) * p.block, sample_out = out_channels_ * volume;
     const int64_t vectors = (p.out[2] + VL - 1) / VL;
     const int nv = nv_for(mr_);
-    // Chunk c holds the channel range c % ranges of kernel plane c / ranges (in place; otherwise every
-    // plane, and the ranges are the chunks).
-    const int64_t planes = in_place_ ? kernel_[0] : 1, ranges = p.chunks / planes;
+    // Chunk q * planes + kt: kernel plane kt of channel range q.
+    const int64_t planes = kernel_[0], ranges = p.chunks / planes;
+    const float* packed = p.weights.empty() ? weights_.data() : p.weights.data();
     std::atomic<int64_t> next{0};
     const int64_t items = static_cast<int64_t>(p.items.size());
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<Tile> tiles;
-      std::vector<Segment> segments(planes);
       for (int64_t i = next++; i < items; i = next++) {
         const Item item = p.items[i];
         const int64_t r0 = item.r0;
@@ -671,7 +693,6 @@ class KGSKernel {
             tiles.push_back(t);
             t = Tile{};
           }
-          t.plane = tt;
           // Pooled: a tile is the vector at one place of rows h and h + 1, pooled as it is stored (an odd
           // last row, or a row's last column, pools with nothing: left out, as nn.MaxPool3d does).
           for (int64_t hh = item.h0; pool_ && hh + 1 < std::min(p.out[1], item.h0 + p.hb); hh += 2) {
@@ -682,7 +703,7 @@ class KGSKernel {
               if (pooled == 0) continue;
               Tile pair{};
               pair.pooled = true;
-              pair.plane = tt;
+              pair.plane = pair.plane_end = tt;
               pair.count = 2;
               pair.in[0] = in + v * VL;
               pair.in[1] = in + stride_[1] * row_b + v * VL;
@@ -695,13 +716,14 @@ class KGSKernel {
             const int64_t in = item.n * sample_in + tt * stride_[0] * plane + hh * stride_[1] * row_b;
             const int64_t out = item.n * sample_out + tt * hw + hh * p.out[2];
             for (int64_t v = 0; v < vectors; ++v) {
+              if (t.count == 0) t.plane = tt;
+              t.plane_end = tt;
               t.in[t.count] = in + v * VL;
               t.out[t.count] = out + v * VL;
               t.valid[t.count] = static_cast<int>(std::min<int64_t>(VL, p.out[2] - v * VL));
               if (++t.count == nv) {
                 tiles.push_back(t);
                 t = Tile{};
-                t.plane = tt;
               }
             }
           }
@@ -725,12 +747,12 @@ class KGSKernel {
             if (filters <= 0) continue;
             const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
             for (const Tile& tile : tiles)
-              kTiles[0][mr_][tile.count](x, nullptr, 0, tile, y + f * volume, volume, filters, true, bias, nullptr,
-                                         relu_ && empty);
+              kTiles[mr_][tile.count](x, nullptr, nullptr, 0, tile, y + f * volume, volume, filters, true, bias,
+                                      nullptr, relu_ && empty);
           }
         }
-        // Range by range of input channels, every block row of the item runs its columns there: one chunk,
-        // or in place the range's chunk of each kernel plane the tile's output plane reads, in one call.
+        // Range by range of input channels, every block row of the item runs its columns there: in one call a
+        // tile takes the range's columns of the kernel planes its output planes read (all but at the ends).
         for (int64_t q = 0; q < ranges; ++q) {
           for (int64_t r = r0; r < last_block_row; ++r) {
             const int64_t* starts = p.chunk_start.data() + r * (p.chunks + 1);
@@ -741,34 +763,34 @@ class KGSKernel {
               first = ranges == 1;                    // one range: the sums start from the bias,
               relu = relu_ && ranges == 1;            // and the ReLU goes with the store
             } else {
-              if (starts[q] == starts[q + 1]) continue;
-              first = starts[q] == u0;                // the block row's first chunk with columns writes
-              relu = relu_ && starts[q + 1] == row_start_[r + 1];   // and its last applies the ReLU
+              if (q < p.first_range[r] || q > p.last_range[r]) continue;
+              first = q == p.first_range[r];          // the block row's first range with columns writes
+              relu = relu_ && q == p.last_range[r];   // and its last applies the ReLU
             }
             for (size_t ti = 0; ti < tiles.size(); ++ti) {
               const Tile& tile = tiles[ti];
-              int nseg = 0;
-              for (int64_t kt = 0; kt < planes; ++kt) {
-                const int64_t c = kt * ranges + q, a = starts[c], b = starts[c + 1];
-                if (a == b) continue;
-                if (in_place_) {
-                  const int64_t plane_in = tile.plane * stride_[0] + kt * dilation_[0] - padding_[0];
-                  if (plane_in < 0 || plane_in >= planes_in) continue;
+              int64_t lo = planes, hi = -1;           // kernel planes that read the input at some output plane
+              for (int64_t kt = 0; kt < planes; ++kt) {   // of the tile (a range: padding lies at the ends)
+                for (int64_t o = tile.plane; o <= tile.plane_end; ++o) {
+                  const int64_t plane_in = o * stride_[0] + kt * dilation_[0] - padding_[0];
+                  if (plane_in >= 0 && plane_in < planes_in) {
+                    lo = std::min(lo, kt);
+                    hi = kt;
+                  }
                 }
-                segments[nseg++] = {p.offsets.data() + a, weights_.data() + u0 * groups_ * mr_ + (a - u0) * mr_, b - a};
               }
-              if (nseg == 0 && !first) continue;
+              const int64_t a = hi < lo ? 0 : starts[q * planes + lo], b = hi < lo ? 0 : starts[q * planes + hi + 1];
+              if (a == b && !first && !relu) continue;     // nothing to add (a bias or a ReLU to store: go on)
               const bool ahead = ti + 1 < tiles.size() && vectors >= nv &&
                                  (!in_place_ || tiles[ti + 1].plane == tile.plane);
               for (int64_t g = 0; g < groups_; ++g) {
-                if (g > 0)
-                  for (int k = 0; k < nseg; ++k) segments[k].weights += width * mr_;    // group g's weights
                 const int64_t f = r * gm_ + g * mr_;
                 const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
                 if (filters <= 0) continue;
                 const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
-                kTiles[nseg > 1][mr_][tile.count](x, segments.data(), nseg, tile, y + f * volume, volume, filters,
-                                                  first, bias, g == 0 && ahead ? &tiles[ti + 1] : nullptr, relu);
+                kTiles[mr_][tile.count](x, p.offsets.data() + a, packed + (u0 * groups_ + g * width + a - u0) * mr_,
+                                        b - a, tile, y + f * volume, volume, filters, first, bias,
+                                        g == 0 && ahead ? &tiles[ti + 1] : nullptr, relu);
               }
             }
           }
