@@ -576,7 +576,7 @@ class KGSKernel {
     // Chunks in key order (kernel plane, then channels), per block row; then the columns go in order of
     // (range, kernel plane): a range's kernel planes follow each other, and a tile takes those its output
     // planes read as one run. Only where there are several kernel planes and ranges does that move any
-    // column; then the plan keeps the offsets and weights in its own order (kept_ maps it to key order).
+    // column; then the plan keeps the offsets and weights in its own order (`order`: plan order -> key order).
     std::vector<int64_t> key_start(p.chunks + 1), order;
     const bool reorder = kernel_[0] > 1 && per_plane > 1;
     p.chunk_start.resize(rows * (p.chunks + 1));
@@ -604,7 +604,7 @@ class KGSKernel {
     }
     p.offsets.resize(columns_.size());
     for (size_t u = 0; u < columns_.size(); ++u) p.offsets[u] = offset_of(reorder ? order[u] : u);
-    if (reorder) {      // the weights in the plan's order: block row r's group g, column u at (u0 * groups + g * width + u - u0) * mr
+    if (reorder) {      // block row r's group g, column u (plan order) at (u0 * groups + g * width + u - u0) * mr
       p.weights.resize(weights_.size());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
