@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import admm  # noqa: E402
 from models import DEFAULT_GEOMETRY, build_model, kgs_cpu  # noqa: E402
 from models.slim import faster_model  # noqa: E402
-from models.sparse_conv import CompiledKGSConv3d, KGSConv3d, interleaved_medians  # noqa: E402
+from models.sparse_conv import CompiledKGSConv3d, KGSConv3d, _out_size, interleaved_medians  # noqa: E402
 
 # C3D's profile as the original has it (few layers) and the all-convs profiles (file names of either era).
 FEW_LAYER = {'conv2.weight': 0.85, 'conv3a.weight': 0.8, 'conv3b.weight': 0.85, 'conv4b.weight': 0.8}
@@ -88,7 +88,7 @@ def t_padding_share(weight, frames, stride, padding, dilation):
     padding: the compiled kernel leaves those kernel planes out at the first and last output planes
     (except in a tile that spans two output planes), so its rate on the kept MACs counts them as done."""
     kept = (weight != 0).sum(dim=(0, 1, 3, 4)).tolist()              # nonzero weights per kernel plane
-    out = (frames + 2 * padding[0] - dilation[0] * (len(kept) - 1) - 1) // stride[0] + 1
+    out = _out_size(frames, len(kept), stride[0], padding[0], dilation[0])
     outside = [sum(not 0 <= o * stride[0] + kt * dilation[0] - padding[0] < frames for o in range(out))
                for kt in range(len(kept))]
     return sum(n * k for n, k in zip(kept, outside)) / max(1, sum(kept) * out)

@@ -125,14 +125,20 @@ def log_unavailable_once():
                     f"(torch ops)")
 
 
+def _required(what):
+    """The compiled module, or a RuntimeError that starts with `what` and says why it is not available."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"{what}: {why_unavailable()}")
+    return module
+
+
 def fma_peak_gmacs(threads=None, cached=True):
     """Measured FMA peak of this CPU in GMAC/s: a register-only FMA loop (about 10 ms) on `threads`
     threads (default torch.get_num_threads()), best of three; cached per thread count unless not `cached`
     (then one run, for benchmarks that measure it between their own runs on a busy machine). Every
     reading also counts towards `highest_fma_peak`."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"fma_peak_gmacs needs the compiled kernel: {why_unavailable()}")
+    module = _required("fma_peak_gmacs needs the compiled kernel")
     threads = int(threads or torch.get_num_threads())
     if not cached:
         reading = module.fma_peak_gmacs(threads, 1)
@@ -161,27 +167,18 @@ def keep_outputs_up_to(nbytes):
     (default 1 GiB); returns the previous bound. Each compiled conv keeps its last output and writes the
     next one into it once the caller holds no tensor on it (a fresh buffer of a few MB costs page
     faults, up to a third of a call); past the bound, further outputs go with the caller."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"keep_outputs_up_to needs the compiled kernel: {why_unavailable()}")
-    return module.keep_outputs_up_to(int(nbytes))
+    return _required("keep_outputs_up_to needs the compiled kernel").keep_outputs_up_to(int(nbytes))
 
 
 def kept_output_bytes():
     """Bytes of output buffers the compiled convs of this process keep now (see `keep_outputs_up_to`)."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"kept_output_bytes needs the compiled kernel: {why_unavailable()}")
-    return module.kept_output_bytes()
+    return _required("kept_output_bytes needs the compiled kernel").kept_output_bytes()
 
 
 def parallel_threads():
     """Threads the kernel's parallel loops really run on (torch.get_num_threads() where it is built
     with OpenMP, 1 where not)."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"parallel_threads needs the compiled kernel: {why_unavailable()}")
-    return module.parallel_threads()
+    return _required("parallel_threads needs the compiled kernel").parallel_threads()
 
 
 def _triple(v):
@@ -193,9 +190,7 @@ def pack(weight, block_rows, bias=None, stride=1, padding=0, dilation=1, relu=Fa
     (O, I, kT, kH, kW) and their weights, packed for the tiles. Zero columns are never run. `relu`:
     the ReLU that follows the conv is applied as the outputs are stored; `pool`: and then a max pool
     of kernel and stride (1, 2, 2), which halves H and W (rounded down)."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"the compiled KGS kernel is not available: {why_unavailable()}")
+    module = _required("the compiled KGS kernel is not available")
     weight = weight.detach().to('cpu', torch.float32)
     bias = None if bias is None else bias.detach().to('cpu', torch.float32)
     return module.KGSKernel(weight, bias, int(block_rows), _triple(stride), _triple(padding), _triple(dilation),
@@ -209,9 +204,7 @@ def conv(x, kernel):
 
 def max_pool3d(x, kernel_size, stride=None, padding=0, dilation=1):
     """`F.max_pool3d(x, ...)` (floor mode, no indices) of a float32 CPU input, by the compiled kernel."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"the compiled kernel is not available: {why_unavailable()}")
+    module = _required("the compiled kernel is not available")
     kernel_size = _triple(kernel_size)
     stride = kernel_size if stride is None else _triple(stride)
     return module.max_pool3d(x, kernel_size, stride, _triple(padding), _triple(dilation))
