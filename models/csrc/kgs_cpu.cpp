@@ -736,11 +736,9 @@ class KGSKernel {
         for (int64_t f = r0 * gm_; f < std::min(out_channels_, last_block_row * gm_); ++f)
           for (const Tile& tile : tiles)
             for (int j = 0; j < tile.count; ++j) prefetch_for_write(y + f * volume + tile.out[j]);
-        // A block row that keeps nothing: its outputs are the bias. In place with its channels in more than
-        // one range, every block row starts from its bias and each range adds.
+        // A block row that keeps nothing: its outputs are the bias.
         for (int64_t r = r0; r < last_block_row; ++r) {
-          const bool empty = row_start_[r + 1] == row_start_[r];
-          if (!empty && !(in_place_ && ranges > 1)) continue;
+          if (row_start_[r + 1] != row_start_[r]) continue;
           for (int64_t g = 0; g < groups_; ++g) {
             const int64_t f = r * gm_ + g * mr_;
             const int filters = static_cast<int>(std::min<int64_t>({mr_, gm_ - g * mr_, out_channels_ - f}));
@@ -748,7 +746,7 @@ class KGSKernel {
             const float* bias = bias_.empty() ? nullptr : bias_.data() + f;
             for (const Tile& tile : tiles)
               kTiles[mr_][tile.count](x, nullptr, nullptr, 0, tile, y + f * volume, volume, filters, true, bias,
-                                      nullptr, relu_ && empty);
+                                      nullptr, relu_);
           }
         }
         // Range by range of input channels, every block row of the item runs its columns there: in one call a
@@ -757,16 +755,9 @@ class KGSKernel {
           for (int64_t r = r0; r < last_block_row; ++r) {
             const int64_t* starts = p.chunk_start.data() + r * (p.chunks + 1);
             const int64_t u0 = row_start_[r], width = row_start_[r + 1] - u0;
-            if (width == 0) continue;
-            bool first, relu;
-            if (in_place_) {
-              first = ranges == 1;                    // one range: the sums start from the bias,
-              relu = relu_ && ranges == 1;            // and the ReLU goes with the store
-            } else {
-              if (q < p.first_range[r] || q > p.last_range[r]) continue;
-              first = q == p.first_range[r];          // the block row's first range with columns writes
-              relu = relu_ && q == p.last_range[r];   // and its last applies the ReLU
-            }
+            if (width == 0 || q < p.first_range[r] || q > p.last_range[r]) continue;
+            const bool first = q == p.first_range[r];            // the block row's first range with columns
+            const bool relu = relu_ && q == p.last_range[r];     // writes, and its last applies the ReLU
             for (size_t ti = 0; ti < tiles.size(); ++ti) {
               const Tile& tile = tiles[ti];
               int64_t lo = planes, hi = -1;           // kernel planes that read the input at some output plane
@@ -791,18 +782,6 @@ class KGSKernel {
                 kTiles[mr_][tile.count](x, p.offsets.data() + a, packed + (u0 * groups_ + g * width + a - u0) * mr_,
                                         b - a, tile, y + f * volume, volume, filters, first, bias,
                                         g == 0 && ahead ? &tiles[ti + 1] : nullptr, relu);
-              }
-            }
-          }
-        }
-        if (in_place_ && relu_ && ranges > 1) {     // the ReLU, once every range has added (outputs in L2)
-          for (int64_t f = r0 * gm_; f < std::min(out_channels_, last_block_row * gm_); ++f) {
-            if (row_start_[f / gm_ + 1] == row_start_[f / gm_]) continue;    // bias only: done above
-            for (const Tile& tile : tiles) {
-              for (int j = 0; j < tile.count; ++j) {
-                float* q = y + f * volume + tile.out[j];
-                const vec v = vrelu(vload(q));       // lanes past a row: read, never written
-                if (tile.valid[j] == VL) vstore(q, v); else vstore_part(q, v, tile.valid[j]);
               }
             }
           }
